@@ -1,0 +1,37 @@
+# One-command entry points. `make run` and `make test` work on a fresh clone: each creates
+# the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run tui test bench sample clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Prune, fine-tune and evaluate the bundled sample model headless; outputs in runs/sample.
+run: $(STAMP)
+	$(BIN)/gkp-workbench --batch --out runs/sample --force
+
+## Open the interactive workbench on the bundled sample model.
+tui: $(STAMP)
+	$(BIN)/gkp-workbench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+## Retrain the bundled sample model and its snapshots (deterministic, a few minutes on 2 cores).
+sample: $(STAMP)
+	$(BIN)/python -m sample_models.train_sample
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

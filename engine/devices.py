@@ -1,0 +1,25 @@
+"""Device selection: `auto` picks CUDA when present, else the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn `auto`, `cpu`, `cuda` or `cuda:i` into a usable `torch.device`, with a clear error
+    when CUDA is asked for but absent."""
+    key = (name or "auto").strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    if key == "cuda" or key.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
+        device = torch.device(key)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
