@@ -1,5 +1,5 @@
 """Shared fixtures: the `../shared` folder (tests needing it skip cleanly without it) and a
-deterministic, single-threaded torch."""
+freshly seeded torch RNG for every test."""
 
 from __future__ import annotations
 
