@@ -1,0 +1,226 @@
+"""The run configuration shared by batch mode and the TUI: TOML sections mapped onto the
+engine's own config dataclasses, with documented defaults and unknown keys rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .attacks import DEFAULT_SUITE, AttackSpec
+from .errors import ConfigError
+from .fileio import write_text_atomic
+from .pruning import PruneConfig
+from .training import FinetuneConfig
+
+STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
+DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
+EPS_SPACES: tuple[str, ...] = ("pixel", "normalized")
+
+
+@dataclass
+class ModelSection:
+    """Which checkpoint to open and how to read it; no checkpoint means the bundled sample."""
+
+    checkpoint: str = ""
+    arch: str = ""
+    normalize: str = ""
+    snapshots: str = ""
+    trust_pickle: bool = False
+
+
+@dataclass
+class DataSection:
+    """`digits`, `cifar10:PATH` or `imagefolder:PATH`, and how to split it."""
+
+    spec: str = "digits"
+    val_fraction: float = 0.1
+    image_size: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.image_size < 0:
+            raise ConfigError("data.image_size must be 0 (dataset default) or a positive size")
+
+
+@dataclass
+class DeploySection:
+    """The deployed form of pruned layers and the batch size latency is measured at."""
+
+    form: str = "auto"
+    latency_batch: int = 1
+
+    def validate(self) -> None:
+        if self.form not in DEPLOY_FORMS:
+            raise ConfigError(f"deploy.form must be one of {', '.join(DEPLOY_FORMS)}, got {self.form!r}")
+        if self.latency_batch < 1:
+            raise ConfigError("deploy.latency_batch must be at least 1")
+
+
+@dataclass
+class EvaluateSection:
+    """Attack suite (torchattacks names with parameters) and the probes run on the test split."""
+
+    attacks: list[str] = field(default_factory=lambda: _default_attacks())
+    eps_space: str = "pixel"
+    max_examples: int = 0
+    batch_size: int = 128
+    baseline: bool = True
+    frequency: bool = True
+    thresholds: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
+    corruption: bool = True
+    severities: list[int] = field(default_factory=lambda: [1, 3, 5])
+
+    def validate(self) -> None:
+        if self.eps_space not in EPS_SPACES:
+            raise ConfigError(f"evaluate.eps_space must be pixel or normalized, got {self.eps_space!r}")
+        if self.max_examples < 0 or self.batch_size < 1:
+            raise ConfigError("evaluate.max_examples must be >= 0 (0 = all) and batch_size >= 1")
+        if any(not 1 <= s <= 5 for s in self.severities):
+            raise ConfigError("evaluate.severities must be between 1 and 5")
+
+
+@dataclass
+class RunSection:
+    """Which stages run, on which device, with which seed (also the prune and fine-tune seed)."""
+
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise ConfigError(f"run.stages takes a non-empty subset of {', '.join(STAGES)}; got {self.stages}")
+
+
+def _default_attacks() -> list[str]:
+    return [spec.to_text() for spec in DEFAULT_SUITE]
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run, one attribute per TOML table."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    deploy: DeploySection = field(default_factory=DeploySection)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def validate(self) -> None:
+        """Check every section; raise `ConfigError` for the first bad value."""
+        for section in dataclasses.fields(self):
+            validate = getattr(getattr(self, section.name), "validate", None)
+            if validate is not None:
+                validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_text_atomic(path, self.to_toml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Build from nested tables; unknown tables or keys and mistyped values are errors."""
+        config = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        for table, values in data.items():
+            if table not in known:
+                raise ConfigError(f"unknown config table [{table}]; known tables: {', '.join(sorted(known))}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{table}] must be a table of keys")
+            for key, value in values.items():
+                config.set(f"{table}.{key}", value)
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "RunConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `table.key` to `value`, converting TOML/CLI types to the field's type."""
+        table, _, key = dotted.partition(".")
+        section = getattr(self, table, None) if table in {f.name for f in dataclasses.fields(self)} else None
+        if section is None:
+            raise ConfigError(f"unknown config table [{table}]")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key {key!r} in [{table}]; known keys: {', '.join(sorted(fields))}"
+            )
+        setattr(section, key, _coerce(dotted, getattr(section, key), str(fields[key].type), value))
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    """TOML-ready dict of a section: tuples become lists, None values are left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, list):
+            value = [_plain(v) for v in value]
+        out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Attack specs are written in the text form `parse_attack` reads back."""
+    return value.to_text() if isinstance(value, AttackSpec) else value
+
+
+def _coerce(name: str, current: Any, annotation: str, value: Any) -> Any:
+    """Convert `value` to the type of the field's current value (or another type its
+    annotation admits, such as a number for `float | str`), or raise `ConfigError`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and "float" in [
+        part.strip() for part in annotation.split("|")
+    ]:
+        return float(value)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{name} must be {type(current).__name__}, got {value!r}")
+
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if isinstance(current, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return type(current)(value)
+    if isinstance(current, str):
+        if isinstance(value, str):
+            return value
+        raise fail()
+    return value
