@@ -63,6 +63,17 @@ class LayerPlan:
             if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= self.in_channels:
                 raise PlanError(f"{self.name}: kept channels repeat or fall outside 0..{self.in_channels - 1}")
 
+    def check_conv(self, module: nn.Module | None) -> None:
+        """Raise `PlanError` unless `module` is a dense Conv2d of the shape this layer was planned for."""
+        if module is None:
+            raise PlanError(f"plan layer {self.name!r} does not exist in this model")
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            raise PlanError(f"plan layer {self.name!r} is not a dense Conv2d in this model")
+        shape = (module.out_channels, module.in_channels, *module.kernel_size)
+        planned = (self.out_channels, self.in_channels, *self.kernel_size)
+        if shape != planned:
+            raise PlanError(f"plan layer {self.name!r} expects weight {planned}, model has {shape}")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kernel_size"] = list(self.kernel_size)
@@ -163,12 +174,4 @@ class PrunePlan:
         shape the plan was made for."""
         modules = dict(model.named_modules())
         for layer in self.layers:
-            module = modules.get(layer.name)
-            if module is None:
-                raise PlanError(f"plan layer {layer.name!r} does not exist in this model")
-            if not isinstance(module, nn.Conv2d) or module.groups != 1:
-                raise PlanError(f"plan layer {layer.name!r} is not a dense Conv2d in this model")
-            shape = (module.out_channels, module.in_channels, *module.kernel_size)
-            planned = (layer.out_channels, layer.in_channels, *layer.kernel_size)
-            if shape != planned:
-                raise PlanError(f"plan layer {layer.name!r} expects weight {planned}, model has {shape}")
+            layer.check_conv(modules.get(layer.name))

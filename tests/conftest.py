@@ -3,6 +3,7 @@ freshly seeded torch RNG for every test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,18 @@ SHARED = REPO.parent / "shared"
 SHARED_CHECKPOINT = SHARED / "checkpoints" / "cifar10_resnet20_dp-wrapped.th"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the test models are small, and two spinning threads on a busy
+    2-core machine slow a test by an order of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
-def _deterministic_torch() -> None:
+def _seeded_torch() -> None:
     torch.manual_seed(0)
 
 

@@ -29,18 +29,8 @@ from engine.normalization import PRESETS, Normalization, with_normalization
 NORM = Normalization((0.3,), (0.4,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two threads on a busy 2-core machine
-    spin-wait each other into a 40x slowdown."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def digits(_one_thread) -> tuple[nn.Module, TensorDataset]:
+def digits() -> tuple[nn.Module, TensorDataset]:
     """A logistic-regression digit classifier on normalised pixels (L-BFGS, ~0.2 s), and 300
     held-out digits."""
     data = load_digits()

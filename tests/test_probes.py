@@ -26,16 +26,6 @@ NONE = Normalization((0.0,), (1.0,))
 NORM = Normalization((0.5,), (0.25,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the models here are tiny, and two threads on a busy 2-core machine
-    spin-wait each other into a large slowdown."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_model(weights: torch.Tensor) -> nn.Module:
     """Two-class linear model whose class-1 margin is `2 * <weights, x>` (x = model input)."""
     linear = nn.Linear(weights.numel(), 2)
