@@ -43,3 +43,30 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+class AtomicJsonLines:
+    """Stream JSON lines (dicts, or objects with `to_dict()`) into a temporary file that replaces
+    `path` only when the `with` block ends without an exception."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._handle = os.fdopen(fd, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, record: Any) -> None:
+        data = record.to_dict() if hasattr(record, "to_dict") else record
+        self._handle.write(json.dumps(data, sort_keys=True) + "\n")
+        self.count += 1
+
+    def __enter__(self) -> "AtomicJsonLines":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._handle.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            Path(self._tmp).unlink(missing_ok=True)

@@ -1,0 +1,78 @@
+"""The batch report (`report.json`): a versioned, documented record of one run — model, pruning,
+deployment, fine-tuning, evaluation and the environment it ran in. Schema: docs/REPORT.md."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .metrics import MAC_COUNTER, count_cost
+
+if TYPE_CHECKING:
+    from .pipeline import Workspace
+
+REPORT_SCHEMA = "gkp-workbench/report"
+REPORT_VERSION = 1
+_PACKAGES = ("torch", "torchvision", "torchattacks", "numpy", "scipy", "scikit-learn", "gkp-workbench")
+
+
+def environment(device: torch.device, seed: int) -> dict[str, Any]:
+    """Versions, device and seed: what someone needs to reproduce or compare the numbers."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
+    return info
+
+
+def build_report(ws: "Workspace", results: dict[str, Any], completed: list[str]) -> dict[str, Any]:
+    """Assemble the report from the stage results gathered so far."""
+    cost = count_cost(ws.model, ws.input_shape)
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "stages_completed": list(completed),
+        "model": {
+            "checkpoint": str(ws.checkpoint.path),
+            "arch": ws.checkpoint.arch.describe(),
+            "arch_spec": ws.checkpoint.arch.to_dict(),
+            "source_format": ws.checkpoint.source_format,
+            "params": cost.params,
+            "macs": cost.macs,
+            "input_shape": list(ws.input_shape),
+            "mac_counter": MAC_COUNTER,
+            "normalization": {**ws.normalization.to_dict(), "source": ws.normalization_source},
+        },
+        "data": {
+            "spec": ws.data.name,
+            "n_train": len(ws.data.train),
+            "n_val": len(ws.data.val),
+            "n_test": len(ws.data.test),
+            "num_classes": ws.data.num_classes,
+            "image_size": ws.data.image_size,
+            "channels": ws.data.in_channels,
+        },
+        "environment": environment(ws.device, ws.config.run.seed),
+    }
+    for stage in ("prune", "deploy", "finetune", "evaluate"):
+        if stage in results:
+            report[stage] = results[stage]
+    return report

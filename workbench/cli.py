@@ -1,0 +1,96 @@
+"""Command line: `gkp-workbench [CHECKPOINT]` opens the TUI; with `--batch` it runs the pipeline
+headless for scripts. Flags override the TOML config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import WorkbenchError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with the bad-input code 2 and one line of usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gkp-workbench",
+        description="Grouped kernel pruning workbench: inspect, prune, fine-tune and attack CNNs. "
+        "Without --batch it opens the interactive workbench.",
+        epilog="Exit codes (batch): 0 ok, 2 bad input or config, 130 interrupted (resumable), "
+        "1 internal error (traceback in OUT/log.txt). Docs: README.md.",
+    )
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint to open (default: the bundled sample model)")
+    parser.add_argument("--batch", action="store_true", help="run the pipeline headless instead of opening the TUI")
+    parser.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
+    parser.add_argument("--out", type=Path, help="output directory for batch mode (default: runs/<checkpoint name>)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory of a previous run")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted batch run in DIR")
+    parser.add_argument("--json", action="store_true", help="print the report JSON on stdout instead of the summary")
+    parser.add_argument("--stages", help="comma-separated subset of prune,finetune,evaluate")
+    parser.add_argument("--method", choices=["sr-gkp", "tmi-gkp"], help="pruning method")
+    parser.add_argument("--grouping", help="override stage-1 grouping for ablations: smoothness-snaking, tmi, random, cluster:kpca|spectral|tsne-dbscan")
+    parser.add_argument("--selection", help="override stage-2 selection for ablations: smooth-beam, greedy, l2, least-smooth, random")
+    parser.add_argument("--rate", type=float, help="fraction of grouped kernels to prune (default 0.4375)")
+    parser.add_argument("--groups", type=int, help="filter groups per layer (default 8)")
+    parser.add_argument("--compat", choices=["paper", "reference"], help="reproduce the authors' code where it differs")
+    parser.add_argument("--snapshots", help="folder of per-epoch training snapshots (TMI-GKP)")
+    parser.add_argument("--data", help="digits | cifar10:PATH | imagefolder:PATH (default digits)")
+    parser.add_argument("--normalize", help="input normalisation: cifar10 | imagenet | none | MEAN,STD | m1,m2,m3/s1,s2,s3")
+    parser.add_argument("--arch", help="architecture override (e.g. resnet56, vgg16_bn, torchvision:resnet50, pkg.mod:factory)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of whole-model files (runs code from the file)")
+    parser.add_argument("--form", choices=["grouped", "dense", "auto"], help="deployed form of pruned layers (default auto)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    parser.add_argument("--mode", choices=["standard", "fastat", "sam", "asam"], help="fine-tuning mode")
+    parser.add_argument("--attacks", help="semicolon-separated attacks, e.g. 'fgsm:eps=0.01;pgd:eps=8/255,alpha=2/255,steps=3'")
+    parser.add_argument("--max-examples", type=int, help="evaluate on at most N test examples (0 = all)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, help="seed for pruning, data split and fine-tuning")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Map the given flags onto dotted config keys."""
+    simple = {
+        "checkpoint": "model.checkpoint", "snapshots": "model.snapshots", "normalize": "model.normalize",
+        "arch": "model.arch", "data": "data.spec", "method": "prune.method", "grouping": "prune.grouping",
+        "selection": "prune.selection", "rate": "prune.rate", "groups": "prune.groups",
+        "compat": "prune.compat", "form": "deploy.form", "epochs": "finetune.epochs",
+        "mode": "finetune.mode", "max_examples": "evaluate.max_examples",
+    }
+    out: dict[str, Any] = {key: getattr(args, flag) for flag, key in simple.items() if getattr(args, flag) is not None}
+    if args.trust_pickle:
+        out["model.trust_pickle"] = True
+    if args.stages is not None:
+        out["run.stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if args.attacks is not None:
+        out["evaluate.attacks"] = [a.strip() for a in args.attacks.split(";") if a.strip()]
+    if args.seed is not None:
+        out.update({"run.seed": args.seed, "prune.seed": args.seed, "finetune.seed": args.seed})
+    if args.device is not None:
+        out.update({"run.device": args.device, "finetune.device": args.device})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch or args.resume:
+        from .batch import run_from_args
+
+        return run_from_args(args, overrides_from_args(args))
+    try:
+        from .app import run_app
+
+        return run_app(args, overrides_from_args(args))
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
