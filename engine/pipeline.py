@@ -24,7 +24,7 @@ from .errors import ConfigError, SnapshotError
 from .latency import compare_latency
 from .layers import ConvLayer, discover_layers
 from .metrics import ModelCost, count_cost
-from .normalization import Normalization, parse_normalization
+from .normalization import Normalization, Normalize, parse_normalization
 from .plan import PrunePlan
 from .probes import CorruptionReport, FrequencyReport, corruption_probe, frequency_probe
 from .progress import ProgressCallback, check_cancel
@@ -58,7 +58,7 @@ class Workspace:
     @property
     def plan(self) -> PrunePlan | None:
         """The plan a pruned checkpoint was saved with, if any."""
-        return None if self.checkpoint.plan is None else PrunePlan.from_dict(self.checkpoint.plan)
+        return plan_of(self.checkpoint)
 
     def layers(self) -> list[ConvLayer]:
         """Conv layers with eligibility under the current prune settings."""
@@ -71,9 +71,7 @@ class Workspace:
     def example_batch(self, size: int = 32) -> torch.Tensor:
         """The first `size` test images, normalised: a real batch for equivalence checks."""
         images = torch.stack([self.data.test[i][0] for i in range(min(size, len(self.data.test)))])
-        mean = torch.tensor(self.normalization.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.normalization.std).view(1, -1, 1, 1)
-        return (images - mean) / std
+        return Normalize(self.normalization)(images)
 
 
 def open_workspace(config: RunConfig) -> Workspace:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -16,13 +18,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine import pipeline
+from engine.checkpoints import load_checkpoint
 from engine.config import RunConfig
 from engine.errors import Cancelled, ConfigError, WorkbenchError
-from engine.fileio import write_json_atomic
+from engine.fileio import AtomicJsonLines, write_json_atomic
 from engine.progress import Progress
 from engine.report import build_report
-from engine.checkpoints import load_checkpoint
-from engine.fileio import AtomicJsonLines
 
 from .cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
@@ -185,6 +186,12 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append((f"clean accuracy (n={ev['n_examples']})", cell(ev["clean_acc"], None)))
         for label, acc in ev["attacks"].items():
             rows.append((label, cell(acc, label)))
+        if ev.get("corruption"):
+            ratio = ev["corruption"]["robustness_ratio"]
+            rows.append(("corruption ratio", "n/a" if ratio is None else f"{ratio:.3f}"))
+        if ev.get("frequency"):
+            parts = [f"θ={r['theta']:g}: {100 * r['low_acc']:.1f}/{100 * r['high_acc']:.1f}%" for r in ev["frequency"]["rows"]]
+            rows.append(("low/high-pass accuracy", ", ".join(parts)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -230,14 +237,15 @@ def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: traceback to log.txt only
-        detail = traceback.format_exc()
         if out is not None and out.is_dir():
-            with open(out / "log.txt", "a", encoding="utf-8") as handle:
-                handle.write(detail)
-            where = f"; details in {out / 'log.txt'}"
+            log_path = out / "log.txt"
         else:
-            where = ""
-        print(f"internal error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+            fd, name = tempfile.mkstemp(prefix="gkp-workbench-error-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(traceback.format_exc())
+        print(f"internal error: {type(exc).__name__}: {exc}; details in {log_path}", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
         if previous is not None:
