@@ -15,11 +15,11 @@ from torch import nn
 
 from sample_models import SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
 
-from .attacks import RobustnessReport, evaluate_robustness, parse_attack
+from .attacks import RobustnessReport, parse_attack
 from .checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import DataBundle, load_data
-from .devices import resolve_device
+from .distributed import DistContext, evaluate_sharded
 from .errors import ConfigError, SnapshotError
 from .latency import compare_latency
 from .layers import ConvLayer, discover_layers
@@ -46,6 +46,7 @@ class Workspace:
     data: DataBundle
     device: torch.device
     is_sample: bool
+    ctx: DistContext = field(default_factory=DistContext)
 
     @property
     def model(self) -> nn.Module:
@@ -101,7 +102,8 @@ def open_workspace(config: RunConfig) -> Workspace:
     else:
         norm, source = data.normalization, "unknown: the dataset's own statistics are used"
     norm = norm.for_channels(in_channels)
-    return Workspace(config, checkpoint, norm, source, data, resolve_device(config.run.device), is_sample)
+    ctx = DistContext.from_env(config.run.device)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, is_sample, ctx)
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -219,7 +221,7 @@ def finetune_model(
     return finetune(
         model, ws.data, ws.normalization, ws.config.finetune, out_dir, resume=resume,
         save_model=lambda path, m, meta: save_model(ws, path, m, plan, meta),
-        progress=progress, cancel=cancel,
+        progress=progress, cancel=cancel, ctx=ws.ctx,
     )
 
 
@@ -252,23 +254,27 @@ def evaluate(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> Evaluation:
-    """Attack suite and probes on the test split, on the same examples."""
+    """Attack suite and probes on the test split, on the same examples. Under torchrun the
+    attacks are sharded over the processes and the probes run on rank 0 only."""
     cfg = ws.config.evaluate
     common = dict(
-        device=ws.config.run.device, batch_size=cfg.batch_size,
-        max_examples=cfg.max_examples or None, progress=progress, cancel=cancel,
+        device=str(ws.device), batch_size=cfg.batch_size, progress=progress, cancel=cancel,
     )
-    robustness = evaluate_robustness(
-        model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks],
-        eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
+    limit = cfg.max_examples or None
+    robustness = evaluate_sharded(
+        model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
+        max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
     )
+    probe = ws.ctx.is_main
     frequency = (
-        frequency_probe(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds), **common)
-        if cfg.frequency else None
+        frequency_probe(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds),
+                        max_examples=limit, **common)
+        if cfg.frequency and probe else None
     )
     corruption = (
-        corruption_probe(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities), **common)
-        if cfg.corruption else None
+        corruption_probe(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities),
+                         max_examples=limit, **common)
+        if cfg.corruption and probe else None
     )
     return Evaluation(robustness, frequency, corruption)
 

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,20 +59,20 @@ class ProgressPrinter:
         self.stream.flush()
 
 
-def prepare_output(out: Path, *, force: bool) -> None:
-    """Refuse to overwrite an existing output directory unless `force` and it holds a previous
-    run of ours; never delete a folder the workbench did not make."""
+def check_output(out: Path, *, force: bool) -> bool:
+    """Whether `out` holds a previous run to replace; refuse a non-empty folder without `force`
+    and never touch a folder the workbench did not make."""
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
     if not any(out.iterdir()):
-        return
+        return False
     if not force:
         raise ConfigError(f"output directory {out} is not empty; pass --force to replace it or --resume {out} to continue it")
     if not (out / STATE_FILE).exists():
         raise ConfigError(f"{out} is not a gkp-workbench output directory; refusing to delete it even with --force")
-    shutil.rmtree(out)
+    return True
 
 
 def _attach_log(out: Path) -> logging.Handler:
@@ -82,34 +83,42 @@ def _attach_log(out: Path) -> logging.Handler:
     return handler
 
 
-def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progress: ProgressPrinter,
+def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progress: ProgressPrinter | None,
               cancel: threading.Event) -> dict[str, Any]:
-    """Run the configured stages into `out` and return the report; every input is checked
-    before the output directory is created."""
+    """Run the configured stages into `out` and return the report. Every input is checked before
+    the output directory is created (or a previous run in it replaced); under torchrun only rank
+    0 writes."""
     state: dict[str, Any] = {"completed": []}
     if resume:
         state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
-    else:
-        prepare_output(out, force=force)
+    replace = False if resume else check_output(out, force=force)
     ws = pipeline.open_workspace(config)
-    if "prune" in config.run.stages and "prune" not in state["completed"]:
-        pipeline.check_prunable(ws)
-        if pipeline.needs_snapshots(config):
-            pipeline.load_ticket_snapshots(ws)  # fail on missing snapshots before writing anything
-    pipeline.check_evaluation_config(config)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log(out)
     try:
-        return _run_stages(ws, out, state, resume=resume, progress=progress, cancel=cancel)
+        if "prune" in config.run.stages and "prune" not in state["completed"]:
+            pipeline.check_prunable(ws)
+            if pipeline.needs_snapshots(config):
+                pipeline.load_ticket_snapshots(ws)  # fail on missing snapshots before writing anything
+        pipeline.check_evaluation_config(config)
+        main = ws.ctx.is_main
+        if main:
+            if replace:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+        ws.ctx.barrier()
+        handler = _attach_log(out) if main else logging.NullHandler()
+        try:
+            return _run_stages(ws, out, state, resume=resume, progress=progress if main else None, cancel=cancel)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        ws.ctx.close()
 
 
 def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, resume: bool,
-                progress: ProgressPrinter, cancel: threading.Event) -> dict[str, Any]:
-    config = ws.config
-    if not resume:
+                progress: ProgressPrinter | None, cancel: threading.Event) -> dict[str, Any]:
+    config, main = ws.config, ws.ctx.is_main
+    if main and not resume:
         config.save(out / CONFIG_FILE)
         write_json_atomic(out / STATE_FILE, state)
     log.info("run started: stages %s, model %s", ",".join(config.run.stages), ws.checkpoint.path)
@@ -120,20 +129,27 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
         results.update(sections)
         state["completed"].append(stage)
         state["results"] = results
-        write_json_atomic(out / "report.json", build_report(ws, results, state["completed"]))
-        write_json_atomic(out / STATE_FILE, state)
+        if main:
+            write_json_atomic(out / "report.json", build_report(ws, results, state["completed"]))
+            write_json_atomic(out / STATE_FILE, state)
         log.info("stage %s done", stage)
+
+    def save(name: str, stage: str) -> None:
+        if main:
+            pipeline.save_model(ws, out / name, model, plan, {"stage": stage})
 
     if "prune" in config.run.stages:
         if "prune" in state["completed"]:
             reopened = load_checkpoint(out / "pruned.pt")
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
-            with AtomicJsonLines(out / "decisions.jsonl") as writer:
-                outcome = pipeline.prune(ws, on_event=writer.write, progress=progress, cancel=cancel)
+            with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
+                on_event = writer.write if writer is not None else None
+                outcome = pipeline.prune(ws, on_event=on_event, progress=progress, cancel=cancel)
             model, plan = outcome.model, outcome.plan
-            plan.save(out / "plan.json")
-            pipeline.save_model(ws, out / "pruned.pt", model, plan, {"stage": "prune"})
+            if main:
+                plan.save(out / "plan.json")
+            save("pruned.pt", "prune")
             finish("prune", pipeline.prune_sections(outcome))
     if "finetune" in config.run.stages:
         if "finetune" in state["completed"]:
@@ -144,7 +160,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
                                              progress=progress, cancel=cancel)
             if not result.completed:
                 raise Cancelled("fine-tuning interrupted")
-            pipeline.save_model(ws, out / "finetuned.pt", model, plan, {"stage": "finetune"})
+            save("finetuned.pt", "finetune")
             finish("finetune", {"finetune": pipeline.finetune_section(ws, result)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
         evaluation = pipeline.evaluate(ws, model, progress=progress, cancel=cancel).to_dict()
@@ -223,6 +239,8 @@ def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         config, out, resume = _config_from_args(args, overrides)
         started = time.perf_counter()
         report = run_batch(config, out, resume=resume, force=args.force, progress=ProgressPrinter(sys.stderr), cancel=cancel)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+            return EXIT_OK
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
