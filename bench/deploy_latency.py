@@ -2,7 +2,7 @@
 for CIFAR ResNet-20/56 and torchvision ResNet-50, in NCHW and channels-last, at rate 0.4375 and
 8 groups. Prints a table and writes the numbers as JSON.
 
-    python -m bench.deploy_latency [OUT.json] [--threads 1] [--rounds 5] [--full] [--quick]
+    python -m bench.deploy_latency [OUT.json] [--threads 1] [--rounds 5] [--full] [--quick] [--device cpu]
 
 Models are measured in interleaved rounds (each round times every form once); the table and the
 speedups use the lowest per-round 10th percentile (the JSON also has the median of the round
@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from engine.cifar_resnet import CifarResNet
+from engine.devices import resolve_device
 from engine.fileio import write_json_atomic
 from engine.latency import measure_latency
 from engine.metrics import count_cost
@@ -85,6 +86,8 @@ def run_case(case: Case, memory_format: str, args: argparse.Namespace) -> dict[s
     model = case.build().eval().to(memory_format=fmt)
     x = torch.randn(case.input_shape).contiguous(memory_format=fmt)
     plan = plan_pruning(model, PruneConfig(grouping="random", selection="random", include_pointwise=case.pointwise))
+    device = resolve_device(args.device)
+    model, x = model.to(device), x.to(device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -108,6 +111,7 @@ def run_case(case: Case, memory_format: str, args: argparse.Namespace) -> dict[s
         "batch": case.input_shape[0],
         "input": list(case.input_shape[1:]),
         "memory_format": memory_format,
+        "device": str(device),
         "pointwise_pruned": case.pointwise,
         "threads": args.threads,
         "mkldnn": not args.no_mkldnn,
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="add ResNet-50 at batch 8")
     parser.add_argument("--quick", action="store_true", help="batch 1, 3x3 layers only")
     parser.add_argument("--models", default="", help="only these models, comma-separated (e.g. resnet50,resnet50+1x1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto (default cpu)")
     parser.add_argument("--no-mkldnn", action="store_true", help="time with oneDNN (mkldnn) disabled")
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

@@ -1,7 +1,8 @@
 """Pruning speed against the targets of the GKP task: SR-GKP on CIFAR ResNet-56 (<= 5 s), TMI-GKP
 on ResNet-20 with a 36-epoch ticket window (<= 60 s), SR-GKP on torchvision ResNet-50 3x3 convs
-(<= 60 s, <= 2 GB peak), plus decision-trace JSONL sizes. Each case runs in its own process so
-peak memory is its own. Random weights: timing does not depend on them.
+(<= 60 s, <= 2 GB peak), within a grid of both methods on CIFAR ResNet-20/32/56/110 and
+torchvision ResNet-50 (cases `METHOD:MODEL`), plus decision-trace JSONL sizes. Each case runs in
+its own process so peak memory is its own. Random weights: timing does not depend on them.
 
 Run: `.venv/bin/python -m bench.prune_speed [case ...]`; results also go to
 bench/results/prune_speed.json."""
@@ -27,7 +28,8 @@ from engine.pruning import PruneConfig, plan_pruning
 from engine.traces import TraceEvent, event_line
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_speed.json"
-TARGETS = {"sr-gkp-resnet56": 5.0, "tmi-gkp-resnet20": 60.0, "sr-gkp-resnet50": 60.0}
+TARGETS = {"sr-gkp:resnet56": 5.0, "tmi-gkp:resnet20": 60.0, "sr-gkp:resnet50": 60.0}
+GRID_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110", "resnet50")
 
 
 def _peak_mb() -> float:
@@ -71,29 +73,22 @@ def _trace_bytes(depth: int, level: str) -> dict[str, Any]:
     return {**result, "events": count, "jsonl_bytes": size}
 
 
-def case_sr_resnet56() -> dict[str, Any]:
-    torch.manual_seed(0)
-    return _timed(CifarResNet(56), PruneConfig())
-
-
-def case_tmi_resnet20() -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = CifarResNet(20)
-    snapshots = _snapshots(model, range(35, 71))
-    return {**_timed(model, PruneConfig(method="tmi-gkp"), snapshots=snapshots), "tickets": len(snapshots)}
-
-
-def case_sr_resnet50() -> dict[str, Any]:
+def case_grid(method: str, model_name: str) -> dict[str, Any]:
+    """One method on one model: CIFAR ResNet-N, or torchvision ResNet-50 (3x3 convs); TMI-GKP
+    gets 36 synthetic ticket snapshots."""
     from torchvision.models import resnet50
 
     torch.manual_seed(0)
-    return _timed(resnet50(), PruneConfig())
+    model = resnet50() if model_name == "resnet50" else CifarResNet(int(model_name.removeprefix("resnet")))
+    if method == "sr-gkp":
+        return _timed(model, PruneConfig())
+    snapshots = _snapshots(model, range(35, 71))
+    return {**_timed(model, PruneConfig(method=method), snapshots=snapshots), "tickets": len(snapshots)}
 
 
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
-    "sr-gkp-resnet56": case_sr_resnet56,
-    "tmi-gkp-resnet20": case_tmi_resnet20,
-    "sr-gkp-resnet50": case_sr_resnet50,
+    **{f"{method}:{name}": (lambda method=method, name=name: case_grid(method, name))
+       for method in ("sr-gkp", "tmi-gkp") for name in GRID_MODELS},
     **{f"trace-resnet{d}-{level}": (lambda d=d, level=level: _trace_bytes(d, level))
        for d in (20, 56) for level in ("decisions", "full")},
 }

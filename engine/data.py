@@ -21,9 +21,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms.functional import pil_to_tensor
 
 from .errors import ConfigError, DataError
 from .normalization import Normalization
@@ -312,7 +309,8 @@ class _PilImage:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return pil_to_tensor(image).float() / 255.0
+        array = np.asarray(image, dtype=np.float32).reshape(self.size, self.size, -1)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()) / 255.0
 
 
 def _open_image(path: str) -> Image.Image:
@@ -324,8 +322,12 @@ def _open_image(path: str) -> Image.Image:
         raise DataError(f"{path} is not a readable image") from None
 
 
-def _image_folder(folder: Path, channels: int, size: int) -> ImageFolder:
+def _image_folder(folder: Path, channels: int, size: int) -> Dataset:
     """One `folder/<class>/*` tree, checked to have classes and images in every class."""
+    # torchvision takes a second to import (it loads torch._dynamo): only image folders need it.
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not classes:
         raise DataError(f"{folder} has no class folders (expected {folder}/<class>/*.png or *.jpg)")

@@ -1,0 +1,191 @@
+"""`python -m bench` (what `make bench` runs): every benchmark in a fixed order, each printing its
+table and writing JSON under bench/results/ (git-ignored), then a summary of what ran and how long.
+
+    python -m bench [--quick | --full] [--steps prune,deploy,attacks,tui,study] [--docs]
+
+Order and what --quick (default, ~20-25 min on 2 shared cores) and --full run:
+
+1. prune    pruning time and peak memory (bench/prune_speed.py, one process per case): SR-GKP and
+            TMI-GKP on CIFAR ResNet-20/32/56/110 and SR-GKP on torchvision ResNet-50 (3x3 convs),
+            plus decision-trace sizes at the default trace level. Full adds TMI-GKP on ResNet-50
+            (36 ticket snapshots of 25 M weights, ~4 GB) and the full-level traces.
+2. deploy   deployed latency, original vs grouped / dense / auto (bench/deploy_latency.py):
+            ResNet-20/56 at batch 1 and 64 (32 px), ResNet-50 at batch 1 (224 px) with 3x3 and
+            with 1x1 convs pruned; NCHW, one thread. Full adds channels-last and ResNet-50 at
+            batch 8. On a GPU machine the same matrix runs again on the GPU.
+3. attacks  attack-evaluation throughput (bench/attack_throughput.py): clean, FGSM, PGD-3 and the
+            default suite on ResNet-20 at 32 px, CPU and GPU when present. Full uses 4x the images.
+4. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
+5. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
+            5 seeds x 20 epochs.
+
+A failing step is reported and the others still run; the exit code is 1 if any failed. `--docs`
+also rewrites the generated sections of docs/BENCH.md and docs/STUDY.md from this run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.fileio import write_json_atomic
+
+from . import attack_throughput, deploy_latency, prune_speed, study
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+BENCH_DOC = HERE.parent / "docs" / "BENCH.md"
+STEPS = ("prune", "deploy", "attacks", "tui", "study")
+QUICK_PRUNE_CASES = [
+    *(f"{m}:{n}" for m in ("sr-gkp", "tmi-gkp") for n in prune_speed.GRID_MODELS if (m, n) != ("tmi-gkp", "resnet50")),
+    "trace-resnet20-decisions",
+    "trace-resnet56-decisions",
+]
+
+
+def deploy_json(device: str) -> Path:
+    return RESULTS_DIR / f"deploy_latency_{device.split(':')[0]}.json"
+
+
+def step_prune(full: bool, docs: bool) -> None:
+    cases = list(prune_speed.CASES) if full else QUICK_PRUNE_CASES
+    prune_speed.RESULTS.unlink(missing_ok=True)  # prune_speed merges into an existing file: start clean
+    prune_speed.main(cases)
+
+
+def step_deploy(full: bool, docs: bool) -> None:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        extra = ["--full"] if full else ["--formats", "nchw"]
+        deploy_latency.main([str(deploy_json(device)), "--device", device, *extra])
+
+
+def step_attacks(full: bool, docs: bool) -> None:
+    attack_throughput.main(["--images", "1024", "--gpu-images", "16384"] if full else [])
+
+
+def step_tui(full: bool, docs: bool) -> None:
+    if not (HERE / "tui_responsiveness.py").is_file():
+        raise RuntimeError("bench/tui_responsiveness.py is not there")
+    subprocess.run([sys.executable, "-m", "bench.tui_responsiveness"], check=True)
+
+
+def step_study(full: bool, docs: bool) -> None:
+    study.main((["--full"] if full else []) + (["--docs"] if docs else []))
+
+
+RUNNERS: dict[str, Callable[[bool, bool], None]] = {
+    "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "tui": step_tui, "study": step_study,
+}
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def render_prune(data: dict[str, Any]) -> str:
+    lines = ["| case | wall s | CPU s | peak RSS MB | target s |", "|---|---:|---:|---:|---:|"]
+    for name, r in data["results"].items():
+        target = f"≤ {r['target_s']:g}" if "target_s" in r else ""
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {target} |")
+    return "\n".join(lines)
+
+
+def render_deploy(data: dict[str, Any]) -> str:
+    lines = ["| model | input | format | device | original ms | grouped ms | dense ms | auto ms | auto speedup "
+             "| layers grouped by auto | pruned layers' share of time |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['model']} | b{r['batch']} {r['input'][1]} px | {r['memory_format']} | {r.get('device', 'cpu')} | "
+            + " | ".join(f"{lat[f]['best_ms']:.2f}" for f in deploy_latency.FORMS)
+            + f" | ×{r['speedup']['auto']:.2f} | {r['auto']['layers_grouped']}/{r['pruned_layers']} "
+            f"| {100 * r['auto']['pruned_layers_share_of_original']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def render_attacks(data: dict[str, Any]) -> str:
+    lines = ["| suite | device | images | seconds | images/s |", "|---|---|---:|---:|---:|"]
+    for r in data["results"]:
+        lines.append(f"| {r['suite']} | {r['device']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_second']:.1f} |")
+    return "\n".join(lines)
+
+
+def render_tui(data: dict[str, Any]) -> str:
+    targets = data.get("targets_ms", {})
+    lines = ["| measure | ms | target ms |", "|---|---:|---:|"]
+    for name, value in data["results"].items():
+        target = targets.get(name)
+        lines.append(f"| {name} | {value:.1f} | {'' if target is None else f'≤ {target:g}'} |")
+    return "\n".join(lines)
+
+
+def render_bench(summary: dict[str, Any]) -> str:
+    """The generated section of docs/BENCH.md: this run's steps and every table it produced."""
+    machine = study.machine()
+    parts = [f"Generated by `{summary['command']}` on {machine['cpu']} ({machine['cores']} cores, "
+             f"{machine['platform']}; torch {machine['torch']}); total {summary['seconds'] / 60:.1f} min.", "",
+             "| step | status | minutes |", "|---|---|---:|"]
+    parts += [f"| {s['step']} | {s['status']} | {s['seconds'] / 60:.1f} |" for s in summary["steps"]]
+    sections = [("Pruning time and peak memory", "prune_speed.json", render_prune),
+                *((f"Deployed latency ({d})", deploy_json(d).name, render_deploy) for d in ("cpu", "cuda")),
+                ("Attack-evaluation throughput", "attack_throughput.json", render_attacks),
+                ("TUI responsiveness", "tui_responsiveness.json", render_tui)]
+    for title, name, render in sections:
+        data = _load(name)
+        if data is not None:
+            parts += ["", f"### {title}", "", render(data)]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the default: the quick variant of every step")
+    mode.add_argument("--full", action="store_true", help="the complete grid of every step (hours on 2 cores)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"which steps, comma-separated (default all: {','.join(STEPS)})")
+    parser.add_argument("--docs", action="store_true", help="rewrite the generated sections of docs/BENCH.md and docs/STUDY.md")
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        parser.error(f"--steps takes a subset of {','.join(STEPS)}")
+    started = time.perf_counter()
+    done: list[dict[str, Any]] = []
+    for step in (s for s in STEPS if s in steps):
+        print(f"\n== {step} ==", flush=True)
+        begin = time.perf_counter()
+        try:
+            RUNNERS[step](args.full, args.docs)
+            status = "ok"
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one broken bench must not stop the others
+            traceback.print_exc()
+            status = f"failed: {type(exc).__name__}: {exc}"
+        done.append({"step": step, "status": status, "seconds": round(time.perf_counter() - begin, 1)})
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"command": command.strip(), "mode": "full" if args.full else "quick", "steps": done,
+               "seconds": round(time.perf_counter() - started, 1)}
+    write_json_atomic(RESULTS_DIR / "bench.json", summary)
+    print(f"\n{'step':<8} {'minutes':>7}  status")
+    for s in done:
+        print(f"{s['step']:<8} {s['seconds'] / 60:7.1f}  {s['status']}")
+    print(f"total {summary['seconds'] / 60:.1f} min; results in {RESULTS_DIR}")
+    if args.docs:
+        study.replace_section(BENCH_DOC, "bench", render_bench(summary))
+        print(f"wrote {BENCH_DOC}")
+    return 0 if all(s["status"] == "ok" for s in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

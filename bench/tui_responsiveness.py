@@ -1,0 +1,250 @@
+"""Responsiveness of the interactive workbench against its targets: launch to first screen
+(<= 2 s), heatmap render of a 512×512 layer (<= 50 ms) and the longest main-thread stall while a
+fine-tune runs (<= 100 ms). Prints a table and writes bench/results/tui_responsiveness.json.
+
+    .venv/bin/python -m bench.tui_responsiveness [--checkpoint PATH] [--stall-seconds 15]
+
+Launch is measured in a fresh process (imports included) on the bundled sample model, or on a
+seeded untrained ResNet-20 of the same shape when the sample is not built. The stall is the
+largest lateness of a 10 ms main-thread timer while fine-tuning runs in its worker with the
+Jobs screen and its live plots on screen."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.architectures import ArchSpec
+from engine.checkpoints import save_checkpoint
+from engine.cifar_resnet import CifarResNet
+from engine.fileio import write_json_atomic
+from engine.normalization import Normalization
+from engine.smoothness import kernel_smoothness
+from sample_models import SAMPLE_CHECKPOINT
+
+RESULTS = Path(__file__).resolve().parent / "results" / "tui_responsiveness.json"
+TARGETS_MS = {"launch_to_first_screen": 2000.0, "heatmap_512_first_render": 50.0, "finetune_max_stall": 100.0}
+TICK = 0.01  # seconds between the stall probe's timer ticks
+COUNTS = ("visible_lines", "finetune_ticks", "finetune_progress_points", "finetune_epochs_done")
+
+# Run in a fresh interpreter: prints JSON with wall-clock stamps of the first screen and of the
+# model being open, so the parent can include interpreter start and every import.
+_LAUNCH_CHILD = r"""
+import json, sys, time
+from workbench.app import WorkbenchApp, build_config
+imported = time.time()
+stamps = {"imported": imported}
+
+
+class Timed(WorkbenchApp):
+    def on_ready(self):
+        stamps["first_screen"] = time.time()  # Textual: the first frame has been displayed
+        super().on_ready()
+
+
+overrides = {"run.device": "cpu"}
+if sys.argv[1]:
+    overrides["model.checkpoint"] = sys.argv[1]
+app = Timed(build_config(None, overrides))
+
+async def pilot(p):
+    while not app.jobs:  # the open job starts once the first frame is up
+        await p.pause()
+    await app.workers.wait_for_complete()
+    await p.pause()
+    stamps["model_open"] = time.time()
+    stamps["open_error"] = app.session.open_error
+    app.exit()
+
+app.run(headless=True, size=(80, 24), auto_pilot=pilot)
+print(json.dumps(stamps))
+"""
+
+
+def launch(checkpoint: str) -> dict[str, float]:
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCH_CHILD, checkpoint], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    stamps = json.loads(done.stdout.strip().splitlines()[-1])
+    if stamps.get("open_error"):
+        raise SystemExit(f"the workbench could not open the model: {stamps['open_error']}")
+    return {
+        "launch_to_first_screen": 1000 * (stamps["first_screen"] - start),
+        "imports": 1000 * (stamps["imported"] - start),
+        "app_start_to_first_screen": 1000 * (stamps["first_screen"] - stamps["imported"]),
+        "launch_to_model_open": 1000 * (stamps["model_open"] - start),
+    }
+
+
+async def heatmap_render() -> dict[str, float]:
+    """Time a 512×512 heatmap in a 200×60 terminal: building the colour styles (once per
+    process; the workbench does it in the worker that opens the model), preparing the matrix,
+    drawing every visible line cold, redrawing them warm (cached), and a page scroll. The heap
+    is frozen first, as the workbench does once a model is open."""
+    from textual.app import App, ComposeResult
+
+    from widgets.heatmap import Heatmap, HeatmapData, style_table
+    from workbench.app import freeze_heap
+
+    start = time.perf_counter()
+    style_table()
+    styles_ms = 1000 * (time.perf_counter() - start)
+
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((512, 512, 3, 3)))
+    start = time.perf_counter()
+    values = kernel_smoothness(weight).numpy().astype(np.float32)
+    smoothness_ms = 1000 * (time.perf_counter() - start)
+    groups = [list(range(g, 512, 8)) for g in range(8)]
+    kept = [sorted(rng.choice(512, 288, replace=False).tolist()) for _ in range(8)]
+    freeze_heap()
+    heatmap = Heatmap()
+
+    class Host(App[None]):
+        def compose(self) -> ComposeResult:
+            yield heatmap
+
+    results: dict[str, float] = {"kernel_smoothness_512x512": smoothness_ms, "heatmap_style_table_once": styles_ms}
+    app = Host()
+    async with app.run_test(size=(200, 60)) as pilot:
+        await pilot.pause()
+        height = heatmap.scrollable_content_region.height
+        start = time.perf_counter()
+        heatmap.show(HeatmapData.build(values, groups, kept))
+        prepared = time.perf_counter()
+        for y in range(height):
+            heatmap.render_line(y)
+        cold = time.perf_counter()
+        for y in range(height):
+            heatmap.render_line(y)
+        warm = time.perf_counter()
+        heatmap.scroll_to(y=height, animate=False)
+        await pilot.pause()
+        scroll_start = time.perf_counter()
+        for y in range(height):
+            heatmap.render_line(y)
+        scrolled = time.perf_counter()
+        results.update({
+            "heatmap_512_prepare": 1000 * (prepared - start),
+            "heatmap_512_first_render": 1000 * (cold - start),
+            "heatmap_512_warm_redraw": 1000 * (warm - cold),
+            "heatmap_512_page_scroll": 1000 * (scrolled - scroll_start),
+            "visible_lines": float(height),
+        })
+    return results
+
+
+async def finetune_stall(checkpoint: str, seconds: float) -> dict[str, float]:
+    """Largest lateness of a main-thread timer while fine-tuning runs (started from the Jobs
+    screen, whose live plots redraw meanwhile); the job is cancelled after `seconds`."""
+    from workbench.app import WorkbenchApp, build_config
+    from workbench.screens.jobs import JobsScreen
+
+    overrides: dict[str, Any] = {"run.device": "cpu", "finetune.device": "cpu", "finetune.epochs": 100}
+    if checkpoint:
+        overrides["model.checkpoint"] = checkpoint
+    app = WorkbenchApp(build_config(None, overrides))
+    gaps: list[float] = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while not app.jobs:  # the open job starts once the first frame is up
+            await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.press("j")
+        screen = app.screen
+        assert isinstance(screen, JobsScreen)
+        last = time.perf_counter()
+
+        def tick() -> None:
+            nonlocal last
+            now = time.perf_counter()
+            gaps.append(now - last - TICK)
+            last = now
+
+        timer = app.set_interval(TICK, tick)
+        screen.action_finetune()
+        job = app.latest_job("finetune")
+        assert job is not None
+        deadline = time.perf_counter() + seconds
+        # Yield to the event loop until the deadline; the timer ticks meanwhile.
+        while time.perf_counter() < deadline and job.active:
+            await asyncio.sleep(0.05)
+        timer.stop()
+        if job.error:
+            raise SystemExit(f"the fine-tune job failed: {job.error}")
+        steps, epochs = len(app.session.loss_curve), len(app.session.epochs)
+        app.action_cancel_jobs()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    lateness = np.array(gaps[1:]) * 1000
+    return {
+        "finetune_max_stall": float(lateness.max()),
+        "finetune_p99_stall": float(np.percentile(lateness, 99)),
+        "finetune_ticks": float(lateness.size),
+        "finetune_progress_points": float(steps),
+        "finetune_epochs_done": float(epochs),
+    }
+
+
+def stand_in_checkpoint(folder: Path) -> Path:
+    """A seeded, untrained ResNet-20 for 1-channel digits, shaped like the sample model."""
+    torch.manual_seed(0)
+    spec = ArchSpec("cifar_resnet", "resnet20", {
+        "depth": 20, "naming": "layer", "shortcut": "A", "num_classes": 10, "in_channels": 1, "width": 16,
+    })
+    path = folder / "resnet20_standin.pt"
+    save_checkpoint(path, CifarResNet(20, num_classes=10, in_channels=1), spec, Normalization((0.5,), (0.5,)))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="model to open (default: the bundled sample)")
+    parser.add_argument("--stall-seconds", type=float, default=15.0, help="how long to probe during fine-tuning")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            checkpoint, model = args.checkpoint, args.checkpoint
+        elif SAMPLE_CHECKPOINT.is_file():
+            checkpoint, model = "", "bundled sample (sample_models/resnet20_digits.pt)"
+        else:
+            checkpoint = str(stand_in_checkpoint(Path(tmp)))
+            model = "seeded untrained ResNet-20, 1 channel (the sample model is not built)"
+        measured = launch(checkpoint)
+        measured.update(asyncio.run(heatmap_render()))
+        measured.update(asyncio.run(finetune_stall(checkpoint, args.stall_seconds)))
+    results = {k: v for k, v in measured.items() if k not in COUNTS}
+    counts = {k: int(v) for k, v in measured.items() if k in COUNTS}
+    print(f"model: {model}")
+    print(f"{'measure':34} {'ms':>10} {'target':>8}")
+    for key, value in results.items():
+        target = TARGETS_MS.get(key)
+        mark = "" if target is None else (" ok" if value <= target else " MISSED")
+        print(f"{key:34} {value:10.1f} {'' if target is None else f'{target:8.0f}'}{mark}")
+    print("  ".join(f"{key} {value}" for key, value in counts.items()))
+    write_json_atomic(args.out, {
+        "model": model,
+        "targets_ms": TARGETS_MS,
+        "results": results,
+        "counts": counts,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""The interactive workbench (Textual): opens the model in a worker, shows it, and runs pruning,
+saving, fine-tuning and evaluation as background jobs whose workers only post messages."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import work
+from textual.app import App
+from textual.reactive import reactive
+
+from engine.config import RunConfig
+from engine.errors import Cancelled, ConfigError, WorkbenchError
+from engine.normalization import Normalization
+
+from . import tasks
+from .commands import WorkbenchCommands
+from .jobs import CANCELLED, DONE, FAILED, Job, JobDone, JobFailed, JobProgressed, ProgressRelay
+from .keys import APP_BINDINGS, bindings_markdown
+from .model_view import summary_lines
+from .screens.decisions import DecisionScreen
+from .screens.help import HelpScreen
+from .screens.jobs import JobsScreen
+from .screens.layer import LayerScreen
+from .screens.normalization import NormalizationScreen
+from .screens.overview import OverviewScreen
+from .screens.prune import PruneScreen
+from .session import FINETUNED, PRUNED_MODEL, Session
+
+UNKNOWN_NORMALIZATION = "unknown"  # how open_workspace's normalisation source starts when guessed
+
+
+@dataclass(frozen=True)
+class PaletteCommand:
+    title: str
+    help: str
+    callback: Callable[[], Any]
+
+
+class WorkbenchApp(App[int]):
+    """GKP workbench: overview, layer inspector, decision stepper, prune and jobs screens."""
+
+    TITLE = "GKP workbench"
+    CSS_PATH = Path(__file__).with_name("workbench.tcss")  # absolute, so subclasses elsewhere find it
+    MODES: ClassVar[dict[str, Any]] = {"overview": OverviewScreen, "prune": PruneScreen, "jobs": JobsScreen}
+    DEFAULT_MODE = "overview"
+    COMMANDS = App.COMMANDS | {WorkbenchCommands}
+    BINDINGS = APP_BINDINGS
+
+    session_revision: reactive[int] = reactive(0)
+    jobs_revision: reactive[int] = reactive(0)
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.session = Session()
+        self.jobs: list[Job] = []
+        self._finishers: dict[str, Callable[[Job, Any], None]] = {
+            "open": self._opened, "prune": self._pruned, "save": self._saved,
+            "finetune": self._finetuned, "evaluate": self._evaluated,
+        }
+
+    # ---- lifecycle and state ------------------------------------------------------------
+
+    @property
+    def checkpoint_label(self) -> str:
+        path = self.config.model.checkpoint
+        return Path(path).name if path else "the bundled sample model"
+
+    def on_mount(self) -> None:
+        self.sub_title = self.checkpoint_label
+
+    def on_ready(self) -> None:
+        """The first frame is on screen: only now start the worker that opens the model, so it
+        does not compete with that first paint for the interpreter."""
+        self.start_job("open", f"open {self.checkpoint_label}", partial(tasks.open_model, self.config))
+
+    def changed(self) -> None:
+        """Tell every screen the session changed."""
+        self.session_revision += 1
+
+    def latest_job(self, kind: str) -> Job | None:
+        return next((job for job in reversed(self.jobs) if job.kind == kind), None)
+
+    def summary_lines(self) -> list[tuple[str, str]]:
+        session = self.session
+        assert session.workspace is not None and session.info is not None
+        lines = summary_lines(session.workspace, session.info, session.rows())
+        outcome = session.outcome
+        if outcome is not None:
+            before, after = outcome.cost_before, outcome.cost_after
+            lines.append((
+                "Pruned",
+                f"{outcome.plan.method}: params {1 - after.params / before.params:.1%} fewer, "
+                f"MACs {1 - after.macs / before.macs:.1%} fewer, max |Δ| {outcome.equivalence_max_abs_err:.1e}",
+            ))
+        return lines
+
+    def default_save_path(self) -> str:
+        stem = Path(self.config.model.checkpoint).stem if self.config.model.checkpoint else "sample"
+        return f"{stem}_{self.config.prune.method}_pruned.pt"
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def start_job(self, kind: str, label: str, task: tasks.Task) -> Job | None:
+        """Run `task(progress, cancel)` in a worker thread, one job of a kind at a time."""
+        if any(job.active and job.kind == kind for job in self.jobs):
+            self.notify(f"A {kind} job is already running; cancel it first (ctrl+g).", severity="warning")
+            return None
+        job = Job(len(self.jobs) + 1, kind, label)
+        self.jobs.append(job)
+        self.jobs_revision += 1
+        self._run_job(job, task)
+        return job
+
+    @work(thread=True, exit_on_error=False)
+    def _run_job(self, job: Job, task: tasks.Task) -> None:
+        try:
+            result = task(ProgressRelay(job.id, self.post_message), job.cancel)
+        except Cancelled:
+            self.post_message(JobFailed(job.id, "cancelled", cancelled=True))
+        except WorkbenchError as exc:
+            self.post_message(JobFailed(job.id, str(exc), cancelled=False))
+        except Exception as exc:  # an engine bug must not take the UI down; show it and log it
+            self.post_message(JobFailed(
+                job.id, f"internal error: {type(exc).__name__}: {exc}", cancelled=False,
+                detail=traceback.format_exc(),
+            ))
+        else:
+            self.post_message(JobDone(job.id, result))
+
+    def _job(self, job_id: int) -> Job:
+        return self.jobs[job_id - 1]
+
+    def on_job_progressed(self, message: JobProgressed) -> None:
+        job = self._job(message.job_id)
+        job.progress = message.progress
+        metrics = message.progress.metrics
+        if job.kind == "finetune":
+            if "loss" in metrics and metrics.get("steps"):
+                x = metrics["epoch"] - 1 + metrics["step"] / metrics["steps"]
+                self.session.loss_curve.append((x, float(metrics["loss"])))
+            if "record" in metrics:
+                self.session.epochs.append(metrics["record"])
+        self.jobs_revision += 1
+
+    def on_job_done(self, message: JobDone) -> None:
+        job = self._job(message.job_id)
+        job.status, job.finished = DONE, time.monotonic()
+        self._finishers[job.kind](job, message.result)
+        self.jobs_revision += 1
+
+    def on_job_failed(self, message: JobFailed) -> None:
+        job = self._job(message.job_id)
+        job.status = CANCELLED if message.cancelled else FAILED
+        job.error = None if message.cancelled else message.error
+        job.finished = time.monotonic()
+        if message.detail:
+            self.log.error(message.detail)
+        if job.kind == "open":
+            self.session.open_error = f"Could not open {self.checkpoint_label}: {message.error}"
+            self.changed()
+        self.notify(
+            f"{job.label}: {message.error}", title="Cancelled" if message.cancelled else "Failed",
+            severity="warning" if message.cancelled else "error", timeout=8,
+        )
+        self.jobs_revision += 1
+
+    def action_cancel_jobs(self) -> None:
+        active = [job for job in self.jobs if job.active]
+        for job in active:
+            job.cancel.set()
+        self.notify(f"Cancelling {len(active)} job(s)…" if active else "No job is running.")
+
+    # ---- opening ------------------------------------------------------------------------
+
+    def _opened(self, job: Job, result: tasks.Opened) -> None:
+        session = self.session
+        session.workspace, session.info, session.events = result.workspace, result.info, result.events
+        self.config = result.workspace.config
+        freeze_heap()
+        self.changed()
+
+    # ---- pruning and saving -------------------------------------------------------------
+
+    def _workspace_or_notify(self) -> Any:
+        ws = self.session.workspace
+        if ws is None:
+            self.notify(self.session.open_error or "The model is still opening.", severity="warning")
+        return ws
+
+    def start_prune(self, config: RunConfig) -> None:
+        ws = self._workspace_or_notify()
+        if ws is None:
+            return
+        self.config = ws.config = config
+        self.changed()
+        job_ws = dataclasses.replace(ws, config=config)
+        label = f"prune {config.prune.method} rate {config.prune.rate:g} groups {config.prune.groups}"
+        self.start_job("prune", label, partial(tasks.prune_model, job_ws))
+
+    def _pruned(self, job: Job, result: tasks.Pruned) -> None:
+        outcome = result.outcome
+        session = self.session
+        session.outcome, session.events = outcome, result.events
+        session.finetuned = session.finetune_result = None
+        for label in (PRUNED_MODEL, FINETUNED):
+            session.evaluations.pop(label, None)
+        before, after = outcome.cost_before, outcome.cost_after
+        self.notify(
+            f"{len(outcome.plan.layers)} convs pruned in {outcome.seconds:.1f} s; "
+            f"MACs {1 - after.macs / before.macs:.1%} fewer. Open a layer and press d to step through its decisions.",
+            title="Pruned",
+        )
+        self.changed()
+
+    def start_save(self, path_text: str) -> None:
+        ws, outcome = self.session.workspace, self.session.outcome
+        if ws is None or outcome is None:
+            self.notify("Nothing to save yet: run pruning first (ctrl+r on the prune screen).", severity="warning")
+            return
+        if not path_text.strip():
+            self.notify("Enter the path to save the pruned model to.", severity="error")
+            return
+        path = Path(path_text.strip()).expanduser()
+        events = list(self.session.events)
+        self.start_job("save", f"save {path.name}", partial(tasks.save_pruned, ws, outcome, events, path))
+
+    def _saved(self, job: Job, paths: list[Path]) -> None:
+        self.notify("Wrote " + ", ".join(str(p) for p in paths), title="Saved")
+
+    # ---- fine-tuning and evaluation -----------------------------------------------------
+
+    def _with_normalization(self, job: str, then: Callable[[], None]) -> bool:
+        """True when the normalisation is known; otherwise ask for it and run `then` after."""
+        ws = self.session.workspace
+        if ws is None or not ws.normalization_source.startswith(UNKNOWN_NORMALIZATION):
+            return True
+
+        def chosen(norm: Normalization | None) -> None:
+            if norm is None:
+                self.notify(f"{job} needs the model's input normalisation; not started.", severity="warning")
+                return
+            ws.normalization, ws.normalization_source = norm, "set by the user"
+            self.changed()
+            then()
+
+        self.push_screen(NormalizationScreen(ws.checkpoint.path.name, job, ws.data.in_channels), chosen)
+        return False
+
+    def start_finetune(self, epochs: int, mode: str, out_dir: Path | None) -> None:
+        ws = self._workspace_or_notify()
+        if ws is None or not self._with_normalization(
+            "fine-tuning", partial(self.start_finetune, epochs, mode, out_dir)
+        ):
+            return
+        config = copy.deepcopy(self.config)
+        config.finetune.epochs, config.finetune.mode = epochs, mode
+        try:
+            config.finetune.validate()
+        except ConfigError as exc:
+            self.notify(str(exc), title="Fine-tune", severity="error")
+            return
+        session = self.session
+        # Fine-tuning starts from the pruned model of this session, else the opened one.
+        base_label, base = (
+            (PRUNED_MODEL, session.outcome.model) if session.outcome is not None
+            else next(iter(session.models().items()))
+        )
+        job_ws = dataclasses.replace(ws, config=config)
+        task = partial(tasks.finetune_copy, job_ws, base, session.plan, out_dir)
+        if self.start_job("finetune", f"fine-tune {base_label} ({mode}, {epochs} epochs)", task) is not None:
+            session.loss_curve.clear()
+            session.epochs.clear()
+
+    def _finetuned(self, job: Job, result: tasks.Finetuned) -> None:
+        outcome, model = result.result, result.model
+        if not outcome.completed:
+            job.status = CANCELLED
+            self.notify(f"{job.label}: cancelled after {len(outcome.history)} epoch(s).", severity="warning")
+            return
+        self.session.finetuned, self.session.finetune_result = model, outcome
+        self.session.evaluations.pop(FINETUNED, None)
+        best = outcome.best.get("benign")
+        detail = f"; best validation accuracy {best.value:.1%} at epoch {best.epoch}" if best else ""
+        self.notify(f"Fine-tuned {len(outcome.history)} epoch(s) in {outcome.seconds:.1f} s{detail}.", title="Fine-tuned")
+        self.changed()
+
+    def start_evaluate(self) -> None:
+        ws = self._workspace_or_notify()
+        if ws is None or not self._with_normalization("robustness evaluation", self.start_evaluate):
+            return
+        models = self.session.models()
+        labels = ", ".join(models)
+        self.start_job("evaluate", f"evaluate {labels}", partial(tasks.evaluate_models, ws, models))
+
+    def _evaluated(self, job: Job, results: dict[str, Any]) -> None:
+        self.session.evaluations.update(results)
+        lines = [f"{label}: clean {ev.robustness.clean_acc:.1%}" for label, ev in results.items()]
+        self.notify("; ".join(lines), title="Evaluated")
+        self.changed()
+
+    # ---- navigation ---------------------------------------------------------------------
+
+    def open_layer(self, name: str) -> None:
+        info = self.session.info
+        if info is None:
+            self.notify("The model is still opening.", severity="warning")
+            return
+        if name not in info.smoothness:
+            self.notify(f"{name} is not a dense conv, so it has no kernel-smoothness heatmap.", severity="warning")
+            return
+        self.push_screen(LayerScreen(name))
+
+    def open_decisions(self, name: str) -> None:
+        events = self.session.layer_events(name)
+        if not events:
+            row = self.session.row(name)
+            why = f" ({row.status_text})" if row is not None and row.reason else ""
+            self.notify(f"No decision trace for {name}{why}: prune the model first (p, then ctrl+r).",
+                        severity="warning")
+            return
+        self.push_screen(DecisionScreen(name, events))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(bindings_markdown()))
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        """Every action by name, then one entry per layer to inspect and per traced layer."""
+        switch = partial(partial, self.run_action)
+        on_screen = self._palette_screen_action
+        commands = [
+            PaletteCommand("Overview", "model summary and layer table (o)", switch("switch_mode('overview')")),
+            PaletteCommand("Prune settings", "method, rate, groups and parameters (p)", switch("switch_mode('prune')")),
+            PaletteCommand("Jobs", "fine-tuning and evaluation progress and results (j)", switch("switch_mode('jobs')")),
+            PaletteCommand("Run pruning", "prune with the settings on the prune screen (ctrl+r)", on_screen("prune", "run")),
+            PaletteCommand("Save pruned model", "write the model, plan and decision trace (ctrl+s)", on_screen("prune", "save")),
+            PaletteCommand("Fine-tune", "fine-tune the pruned model in the background (f)", on_screen("jobs", "finetune")),
+            PaletteCommand("Evaluate robustness", "clean and attacked accuracy of every model (e)", on_screen("jobs", "evaluate")),
+            PaletteCommand("Cancel jobs", "stop every running job (ctrl+g)", self.action_cancel_jobs),
+            PaletteCommand("Help", "screens and key bindings (?)", self.action_help),
+        ]
+        info = self.session.info
+        if info is not None:
+            traced = {event.layer for event in self.session.events}
+            for name in info.smoothness:
+                commands.append(
+                    PaletteCommand(f"Inspect layer {name}", "heatmap, filters and groups", partial(self.open_layer, name))
+                )
+                if name in traced:
+                    commands.append(PaletteCommand(
+                        f"Decisions of layer {name}", "step through the pruning decisions",
+                        partial(self.open_decisions, name),
+                    ))
+        return commands
+
+    def _palette_screen_action(self, mode: str, action: str) -> Callable[[], Any]:
+        async def run() -> None:
+            await self.switch_mode(mode)
+            await self.screen.run_action(action)
+
+        return run
+
+
+def freeze_heap() -> None:
+    """Put every object alive now (the imports, the opened model and data) out of the cyclic
+    garbage collector's reach: a full collection over torch's heap stalls the UI for a few
+    hundred milliseconds, while these objects live as long as the app anyway."""
+    gc.freeze()
+
+
+def build_config(config_path: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """The run config: defaults, then the TOML file, then the command-line overrides."""
+    config = RunConfig.load(config_path) if config_path else RunConfig()
+    for key, value in overrides.items():
+        config.set(key, value)
+    config.validate()
+    return config
+
+
+def run_app(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Build the config (bad input raises `WorkbenchError` for the CLI to report) and run the
+    workbench until the user quits; returns the exit code."""
+    app = WorkbenchApp(build_config(getattr(args, "config", None), overrides))
+    freeze_heap()
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,287 @@
+"""Replay of one layer's decision trace (engine.traces) as a sequence of steps a person can walk
+through: each step is one decision (a snaking deal, a clustering, a ticket's vote, a beam cut,
+a restart table, a final choice) rendered as a plain `Frame` for the stepper widget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from engine.traces import (
+    BeamCut,
+    BeamFinal,
+    Clustering,
+    FinalChoice,
+    LayerDone,
+    LayerSkipped,
+    LayerStart,
+    RandomGrouping,
+    RankedSelection,
+    SnakeDeal,
+    StartResults,
+    TmiTicket,
+    TmiVote,
+    TraceEvent,
+)
+from widgets.stepper import Frame, Groups, Kept, StepTable
+
+# What a step shows: stage, title, notes, detail table, filter groups, the group in focus.
+Described = tuple[str, str, tuple[str, ...], StepTable | None, Groups | None, int | None]
+SNAKE_WINDOW = 6  # ranks shown either side of the one being dealt
+TOP_ROWS = 12  # rows of a restart or ranking table before "… more"
+MEMBERS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Step:
+    """One replay step: event `event`, sub-step `sub` (the rank of a snaking deal, else 0), and
+    the groups and kept channels established once it is done."""
+
+    event: TraceEvent
+    sub: int
+    decision: bool
+    groups: Groups | None
+    kept: Kept | None
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _members(members: Sequence[int]) -> str:
+    shown = " ".join(str(m) for m in members[:MEMBERS_SHOWN])
+    return shown + (f" …(+{len(members) - MEMBERS_SHOWN})" if len(members) > MEMBERS_SHOWN else "")
+
+
+def _sorted_groups(groups: Iterable[Iterable[int]]) -> Groups:
+    return tuple(tuple(sorted(g)) for g in groups)
+
+
+class LayerReplay:
+    """The steps of one layer's trace and the state each leaves behind."""
+
+    def __init__(self, events: Sequence[TraceEvent]) -> None:
+        if not events:
+            raise ValueError("a replay needs at least one trace event")
+        self.layer = events[0].layer
+        start = next((e for e in events if isinstance(e, LayerStart)), None)
+        self.in_channels = start.in_channels if start else 0
+        self.groups_count = start.groups if start else 0
+        # A forced clustering (`cluster:<scheme>`) is the grouping; under TMI it is a candidate.
+        forced_clustering = start is not None and start.grouping.startswith("cluster:")
+        self.steps: list[Step] = []
+        self._clusterings: dict[str, Groups] = {}
+        groups: Groups | None = None
+        kept: Kept | None = (None,) * self.groups_count if self.groups_count else None
+        for event in events:
+            if isinstance(event, SnakeDeal):
+                dealt: list[list[int]] = [[] for _ in range(max(event.groups) + 1)]
+                for filt, group in zip(event.filters, event.groups):
+                    dealt[group].append(filt)
+                last = len(event.filters) - 1
+                for rank in range(last):
+                    self.steps.append(Step(event, rank, False, groups, kept))
+                groups = _sorted_groups(dealt)
+                self.steps.append(Step(event, last, True, groups, kept))
+                continue
+            if isinstance(event, RandomGrouping):
+                groups = _sorted_groups(event.filter_groups)
+            elif isinstance(event, Clustering):
+                self._clusterings[event.scheme] = _sorted_groups(event.filter_groups)
+                if forced_clustering:
+                    groups = self._clusterings[event.scheme]
+            elif isinstance(event, TmiVote):
+                groups = self._clusterings.get(event.winner, groups)
+            elif isinstance(event, FinalChoice) and kept is not None and event.group < len(kept):
+                kept = kept[: event.group] + (tuple(sorted(event.kept)),) + kept[event.group + 1:]
+            candidate = isinstance(event, Clustering) and not forced_clustering
+            decision = not (candidate or isinstance(event, (LayerStart, BeamFinal, TmiTicket)))
+            self.steps.append(Step(event, 0, decision, groups, kept))
+
+    @property
+    def final_groups(self) -> Groups | None:
+        return self.steps[-1].groups
+
+    @property
+    def final_kept(self) -> Kept | None:
+        return self.steps[-1].kept
+
+    def next_decision(self, position: int) -> int:
+        """Position of the next decision step after `position` (the last step if none)."""
+        for i in range(position + 1, len(self.steps)):
+            if self.steps[i].decision:
+                return i
+        return len(self.steps) - 1
+
+    def previous_decision(self, position: int) -> int:
+        """Position of the previous decision step before `position` (the first step if none)."""
+        for i in range(position - 1, -1, -1):
+            if self.steps[i].decision:
+                return i
+        return 0
+
+    def first_of(self, kind: str) -> int | None:
+        """Position of the first step of event kind `kind`, if any."""
+        return next((i for i, s in enumerate(self.steps) if s.event.kind == kind), None)
+
+    def frame(self, position: int) -> Frame:
+        """The frame shown at `position` (clamped to the replay)."""
+        position = min(max(position, 0), len(self.steps) - 1)
+        step = self.steps[position]
+        stage, title, notes, table, groups, focus = self._describe(step)
+        return Frame(
+            layer=self.layer, position=position, total=len(self.steps), stage=stage, title=title,
+            notes=notes, table=table, groups=groups, kept=step.kept, in_channels=self.in_channels,
+            focus_group=focus,
+        )
+
+    def _describe(self, step: Step) -> Described:
+        e = step.event
+        if isinstance(e, LayerStart):
+            per_group = e.out_channels // e.groups if e.groups else 0
+            return (
+                "layer", f"{e.layer}: {e.out_channels}×{e.in_channels}×{e.kernel_size[0]}×{e.kernel_size[1]}",
+                (
+                    f"{e.groups} filter groups of {per_group} filters; each keeps S={e.kept} of "
+                    f"{e.in_channels} grouped kernels",
+                    f"grouping {e.grouping}, selection {e.selection}, compat {e.compat}",
+                ),
+                None, step.groups, None,
+            )
+        if isinstance(e, LayerSkipped):
+            return "skipped", f"{e.layer} is left dense", (e.reason,), None, None, None
+        if isinstance(e, SnakeDeal):
+            return self._snake(e, step.sub)
+        if isinstance(e, RandomGrouping):
+            return "grouping", "Random equal-size filter groups (seeded)", (), None, step.groups, None
+        if isinstance(e, Clustering):
+            notes = () if e.eps is None else (f"DBSCAN eps {e.eps:.4g} gave {e.raw_clusters} clusters before balancing",)
+            return (
+                "TMI clustering", f"Scheme {e.scheme}: {len(e.filter_groups)} equal-size groups",
+                notes, None, self._clusterings.get(e.scheme), None,
+            )
+        if isinstance(e, TmiTicket):
+            return self._ticket(e)
+        if isinstance(e, TmiVote):
+            return self._vote(e, step.groups)
+        if isinstance(e, BeamCut):
+            return self._cut(e, step.groups)
+        if isinstance(e, BeamFinal):
+            return self._beam_final(e, step.groups)
+        if isinstance(e, StartResults):
+            return self._restarts(e, step.groups)
+        if isinstance(e, RankedSelection):
+            return self._ranked(e, step.groups)
+        if isinstance(e, FinalChoice):
+            extra = () if e.score is None else (f"winning start {e.start}, score {_fmt(e.score)}",)
+            return (
+                "final choice", f"Group {e.group} keeps {len(e.kept)} grouped kernels: {_members(e.kept)}",
+                extra, None, step.groups, e.group,
+            )
+        if isinstance(e, LayerDone):
+            return (
+                "layer done",
+                f"{e.layer} done: {e.grouping} + {e.selection}, {e.achieved_ratio:.2%} of kernels pruned",
+                (f"layer score {_fmt(e.score)}",), None, step.groups, None,
+            )
+        return e.kind, e.kind, (), None, step.groups, None
+
+    def _snake(self, e: SnakeDeal, rank: int) -> Described:
+        dealt: list[list[int]] = [[] for _ in range(max(e.groups) + 1)]
+        for filt, group in zip(e.filters[: rank + 1], e.groups[: rank + 1]):
+            dealt[group].append(filt)
+        order = "descending" if e.descending else "ascending"
+        low, high = max(0, rank - SNAKE_WINDOW), min(len(e.filters), rank + SNAKE_WINDOW + 1)
+        rows = tuple((str(r), str(e.filters[r]), _fmt(e.values[r]), f"G{e.groups[r]}") for r in range(low, high))
+        marks = tuple("current" if r == rank else ("pending" if r > rank else "") for r in range(low, high))
+        return (
+            "snaking",
+            f"Rank {rank}: filter {e.filters[rank]} ({e.key} {_fmt(e.values[rank])}) → group {e.groups[rank]}",
+            (f"filters sorted by {e.key}, {order}; dealt in S order: 0..n-1, then n-1..0",),
+            StepTable(("rank", "filter", e.key, "group"), rows, marks),
+            _sorted_groups(dealt), e.groups[rank],
+        )
+
+    def _ticket(self, e: TmiTicket) -> Described:
+        rows = tuple(
+            (
+                scheme, " ".join(_fmt(g) for g in e.gaps[i][:4]) + (" …" if len(e.gaps[i]) > 4 else ""),
+                _fmt(e.gap_mean[i]), _fmt(e.gap_var[i]), _fmt(e.rank_mean[i]), _fmt(e.rank_var[i]),
+                _fmt(e.score[i]),
+            )
+            for i, scheme in enumerate(e.schemes)
+        )
+        marks = tuple("win" if s == e.winner else "" for s in e.schemes)
+        return (
+            "TMI ticket", f"Ticket epoch {e.epoch} votes for {e.winner}",
+            ("score = R(mean) + α·R(var) over the sorted group-score gaps; lowest wins",),
+            StepTable(("scheme", "gaps", "mean", "var", "R(mean)", "R(var)", "score"), rows, marks),
+            self._clusterings.get(e.winner), None,
+        )
+
+    def _vote(self, e: TmiVote, groups: Groups | None) -> Described:
+        rows = tuple((s, str(e.tally[i]), str(e.longest_run[i])) for i, s in enumerate(e.schemes))
+        marks = tuple("win" if s == e.winner else "" for s in e.schemes)
+        votes = " ".join(f"{epoch}:{vote}" for epoch, vote in zip(e.epochs, e.votes))
+        return (
+            "TMI vote", f"{e.winner} wins the vote of {len(e.epochs)} tickets",
+            (f"votes {votes}", "ties go to the longest run of consecutive wins, then the earliest scheme"),
+            StepTable(("scheme", "votes", "longest run"), rows, marks), groups, None,
+        )
+
+    def _cut(self, e: BeamCut, groups: Groups | None) -> Described:
+        rows = tuple(
+            (
+                _members(c.members), str(c.added), _fmt(c.cost), _fmt(c.smoothness),
+                str(c.rank_cost), str(c.rank_smooth), _fmt(c.score), "keep" if c.survived else "cut",
+            )
+            for c in e.candidates
+        )
+        marks = tuple("keep" if c.survived else "cut" for c in e.candidates)
+        kept = sum(c.survived for c in e.candidates)
+        return (
+            "beam cut",
+            f"Group {e.group}, start {e.start}: cut at size {e.size} keeps {kept} of {len(e.candidates)}",
+            (f"cost = inner − β·outer with β = {_fmt(e.beta)}; score = α·R(cost) + (1−α)·R(smooth), lowest kept",),
+            StepTable(("members", "added", "cost", "smooth", "R(cost)", "R(smooth)", "score", ""), rows, marks),
+            groups, e.group,
+        )
+
+    def _beam_final(self, e: BeamFinal, groups: Groups | None) -> Described:
+        rows = tuple((_members(c.members), _fmt(c.cost), _fmt(c.smoothness)) for c in e.candidates)
+        marks = tuple("win" if i == e.best else "" for i in range(len(e.candidates)))
+        return (
+            "beam final",
+            f"Group {e.group}, start {e.start}: best complete candidate #{e.best}, cost {_fmt(e.candidates[e.best].cost)}",
+            (f"final cost uses β = {_fmt(e.beta)}; smoothness does not enter the final pick",),
+            StepTable(("members", "cost", "smooth"), rows, marks), groups, e.group,
+        )
+
+    def _restarts(self, e: StartResults, groups: Groups | None) -> Described:
+        order = sorted(range(len(e.starts)), key=lambda i: (-e.scores[i], i))
+        best = order[0]
+        shown = order[:TOP_ROWS]
+        rows = tuple((str(e.starts[i]), _fmt(e.scores[i]), _members(e.members[i])) for i in shown)
+        marks = tuple("win" if i == best else "" for i in shown)
+        notes = [f"β = {_fmt(e.beta)}, γ = {e.gamma}; highest score wins, ties to the lowest start"]
+        if len(order) > TOP_ROWS:
+            notes.append(f"best {TOP_ROWS} of {len(order)} restarts shown")
+        return (
+            "restarts",
+            f"Group {e.group}: {len(e.starts)} restarts ({e.selection}), start {e.starts[best]} wins with {_fmt(e.scores[best])}",
+            tuple(notes), StepTable(("start", "score", "members"), rows, marks), groups, e.group,
+        )
+
+    def _ranked(self, e: RankedSelection, groups: Groups | None) -> Described:
+        kept = set(e.kept)
+        if e.values:
+            order = sorted(range(len(e.values)), key=lambda c: (-e.values[c], c))[:TOP_ROWS]
+            rows = tuple((str(c), _fmt(e.values[c])) for c in order)
+            marks = tuple("keep" if c in kept else "cut" for c in order)
+            table: StepTable | None = StepTable(("channel", "value"), rows, marks)
+        else:
+            table = None
+        return (
+            "selection", f"Group {e.group}: {e.method} keeps {len(e.kept)} channels: {_members(sorted(kept))}",
+            (), table, groups, e.group,
+        )

@@ -1,0 +1,1 @@
+"""The workbench's screens: overview, layer inspector, decision stepper, prune, jobs, help."""

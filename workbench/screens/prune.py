@@ -1,0 +1,175 @@
+"""Prune controls: the settings form (validated by the engine as you type), a run with
+progress, before/after cost with the equivalence check, and saving the result."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+
+from engine.errors import ConfigError
+
+from ..model_view import human_count
+from ..prune_form import DEFAULT_CHOICE, FIELDS, FormField, apply_form, field_text
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
+
+    from ..app import WorkbenchApp
+
+EQUIVALENCE_TOLERANCE = 1e-4  # max |Δ| between the deployed and the masked dense model
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "—"
+
+
+class PruneScreen(Screen[None]):
+    """Settings form on the left, run and results on the right."""
+
+    BINDINGS = [
+        Binding("ctrl+r", "run", "Run pruning"),
+        Binding("ctrl+s", "save", "Save"),
+    ]
+
+    app: "WorkbenchApp"
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="prune-body"):
+            with VerticalScroll(id="prune-form"):
+                for field in FIELDS:
+                    with Horizontal(classes="form-row"):
+                        yield Label(field.label, classes="form-label")
+                        yield self._field_widget(field)
+                yield Static(id="form-status")
+            with Vertical(id="prune-results"):
+                with Horizontal(classes="button-row"):
+                    yield Button("Run ^r", id="prune-run", variant="primary", compact=True)
+                    yield Button("Cancel ^g", id="prune-cancel", compact=True)
+                yield ProgressBar(id="prune-progress", show_eta=False)
+                yield Static(id="prune-status")
+                table: DataTable[str] = DataTable(id="prune-metrics", cursor_type="none")
+                table.add_columns("", "before", "after", "change")
+                yield table
+                yield Static(id="prune-checks")
+                with Horizontal(classes="button-row"):
+                    yield Input(placeholder="path of the pruned model (.pt)", id="save-path", compact=True)
+                    yield Button("Save ^s", id="prune-save", compact=True)
+        yield Footer()
+
+    def _field_widget(self, field: FormField) -> Input | Select[str]:
+        config = self.app.config
+        text = field_text(config, field)
+        if field.kind == "choice":
+            options = [(option, option) for option in field.options]
+            if field.optional:
+                options.insert(0, ("(the method's)", DEFAULT_CHOICE))
+            return Select(options, value=text, allow_blank=False, id=field.widget_id, compact=True)
+        return Input(value=text, placeholder=field.placeholder, id=field.widget_id, compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#save-path", Input).value = self.app.default_save_path()
+        self.watch(self.app, "session_revision", self._session_changed)
+        self.watch(self.app, "jobs_revision", self.refresh_progress)
+
+    def _session_changed(self, _revision: int = 0) -> None:
+        self._check_form()
+        self.refresh_results()
+
+    def form_texts(self) -> dict[str, str]:
+        """Every field's current text, by config key."""
+        texts: dict[str, str] = {}
+        for field in FIELDS:
+            widget = self.query_one(f"#{field.widget_id}")
+            texts[field.key] = str(widget.value) if isinstance(widget, (Input, Select)) else ""
+        return texts
+
+    def form_config(self) -> "RunConfig":
+        """The config with the form applied; `ConfigError` for the first bad field."""
+        return apply_form(self.app.config, self.form_texts())
+
+    @on(Input.Changed, "#prune-form Input")
+    @on(Select.Changed, "#prune-form Select")
+    def _check_form(self) -> None:
+        status = self.query_one("#form-status", Static)
+        try:
+            config = self.form_config()
+        except ConfigError as exc:
+            status.update(Text(str(exc), style="bold red"))
+            return
+        ws = self.app.session.workspace
+        if ws is None:
+            status.update(Text("settings are valid", style="green"))
+            return
+        layers = dataclasses.replace(ws, config=config).layers()
+        eligible = [layer for layer in layers if layer.eligible]
+        status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs will be pruned", style="green"))
+
+    @on(Button.Pressed, "#prune-run")
+    def action_run(self) -> None:
+        try:
+            config = self.form_config()
+        except ConfigError as exc:
+            self.notify(str(exc), title="Prune settings", severity="error")
+            return
+        self.app.start_prune(config)
+
+    @on(Button.Pressed, "#prune-cancel")
+    def _cancel(self) -> None:
+        self.app.action_cancel_jobs()
+
+    @on(Button.Pressed, "#prune-save")
+    def action_save(self) -> None:
+        self.app.start_save(self.query_one("#save-path", Input).value)
+
+    def refresh_progress(self, _revision: int = 0) -> None:
+        job = self.app.latest_job("prune")
+        bar = self.query_one("#prune-progress", ProgressBar)
+        status = self.query_one("#prune-status", Static)
+        bar.display = job is not None
+        if job is None:
+            status.update("Not pruned yet: set the method and rate, then run (^r).")
+            return
+        progress = job.progress
+        if progress is not None and progress.total:
+            bar.update(total=progress.total, progress=progress.done)
+        where = f" · {progress.message}" if progress is not None and progress.message else ""
+        status.update(f"{job.label}: {job.status} ({job.seconds:.1f} s){where}" + (f" — {job.error}" if job.error else ""))
+
+    def refresh_results(self) -> None:
+        outcome = self.app.session.outcome
+        table = self.query_one("#prune-metrics", DataTable)
+        checks = self.query_one("#prune-checks", Static)
+        table.clear()
+        if outcome is None:
+            checks.update("")
+            return
+        before, after = outcome.cost_before, outcome.cost_after
+        table.add_row("params", human_count(before.params), human_count(after.params), _change(before.params, after.params))
+        table.add_row("MACs", human_count(before.macs), human_count(after.macs), _change(before.macs, after.macs))
+        latency = outcome.latency_ms
+        if "original" in latency and "pruned" in latency:
+            table.add_row(
+                f"latency ms (batch {outcome.latency_batch})", f"{latency['original']:.3g}",
+                f"{latency['pruned']:.3g}", _change(latency["original"], latency["pruned"]),
+            )
+        plan = outcome.plan
+        error = outcome.equivalence_max_abs_err
+        ok = error <= EQUIVALENCE_TOLERANCE
+        counts = outcome.deploy.get("counts", {})
+        checks.update(Text.assemble(
+            ("✓ " if ok else "✗ ", "bold green" if ok else "bold red"),
+            f"equivalence: max |Δ| {error:.2e} vs the masked dense model\n",
+            f"{plan.method}: {len(plan.layers)} convs pruned, {len(plan.skipped)} skipped, "
+            f"planned in {outcome.seconds:.2f} s\n",
+            f"deployed ({outcome.deploy.get('form')}): {counts.get('grouped', 0)} grouped, "
+            f"{counts.get('dense', 0)} dense (dense keeps the zeros)",
+        ))

@@ -1,0 +1,67 @@
+"""The workbench's state on the UI side: the opened workspace and what jobs produced from it.
+Only the main thread changes it, in response to job messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine.plan import PrunePlan
+from engine.traces import TraceEvent
+
+from .model_view import LayerRow, ModelInfo, layer_rows
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.pipeline import Evaluation, PruneOutcome, Workspace
+    from engine.training import EpochRecord, FinetuneResult
+
+UNPRUNED, PRUNED_MODEL, FINETUNED = "unpruned", "pruned", "fine-tuned"
+
+
+@dataclass
+class Session:
+    """Opened model, pruning outcome with its decision trace, fine-tuning and evaluations."""
+
+    workspace: "Workspace | None" = None
+    info: ModelInfo | None = None
+    open_error: str | None = None
+    outcome: "PruneOutcome | None" = None
+    events: list[TraceEvent] = field(default_factory=list)
+    finetuned: "nn.Module | None" = None
+    finetune_result: "FinetuneResult | None" = None
+    loss_curve: list[tuple[float, float]] = field(default_factory=list)
+    epochs: list["EpochRecord"] = field(default_factory=list)
+    evaluations: dict[str, "Evaluation"] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> PrunePlan | None:
+        """The plan made in this session, else the one a pruned checkpoint was saved with."""
+        if self.outcome is not None:
+            return self.outcome.plan
+        return None if self.workspace is None else self.workspace.plan
+
+    def rows(self) -> list[LayerRow]:
+        if self.workspace is None or self.info is None:
+            return []
+        cost_after = None if self.outcome is None else self.outcome.cost_after
+        return layer_rows(self.workspace.model, self.workspace.layers(), self.info, self.plan, cost_after)
+
+    def row(self, name: str) -> LayerRow | None:
+        return next((r for r in self.rows() if r.name == name), None)
+
+    def layer_events(self, name: str) -> list[TraceEvent]:
+        return [e for e in self.events if e.layer == name]
+
+    def models(self) -> dict[str, Any]:
+        """The models a job can use, by label: unpruned, pruned, fine-tuned (those that exist)."""
+        out: dict[str, Any] = {}
+        if self.workspace is not None:
+            label = PRUNED_MODEL if self.workspace.checkpoint.plan is not None else UNPRUNED
+            out[label] = self.workspace.model
+        if self.outcome is not None:
+            out[PRUNED_MODEL] = self.outcome.model
+        if self.finetuned is not None:
+            out[FINETUNED] = self.finetuned
+        return out
