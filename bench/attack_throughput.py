@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.attacks import DEFAULT_SUITE, AttackSpec, evaluate_robustness, parse_attack
+from engine.attacks import AttackSpec, default_suite, evaluate_robustness, parse_attack
 from engine.cifar_resnet import CifarResNet
 from engine.data import ImageTensorDataset
 from engine.devices import resolve_device
@@ -31,7 +31,7 @@ SUITES: dict[str, list[AttackSpec]] = {
     "clean": [],
     "fgsm": [parse_attack("fgsm:eps=8/255")],
     "pgd-3": [parse_attack("pgd:eps=8/255,alpha=2/255,steps=3")],
-    "default suite": list(DEFAULT_SUITE),
+    "default suite": default_suite(),
 }
 BATCH = 128
 

@@ -18,13 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchattacks
 from torch import nn
 from torch.nn import functional as F
-from torchattacks.attack import Attack
 
 from .batch_eval import (
     count_correct,
@@ -38,6 +36,9 @@ from .devices import resolve_device
 from .errors import ConfigError, DataError
 from .normalization import Normalization, Normalize, with_normalization
 from .progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from torchattacks.attack import Attack
 
 EPS_SPACES = ("pixel", "normalized")
 NORMALIZED_SPACE_ATTACKS = ("FGSM", "PGD")
@@ -147,6 +148,9 @@ class RobustnessReport:
 
 def attack_classes() -> dict[str, type[Attack]]:
     """Every torchattacks attack that text can configure, keyed by lower-case class name."""
+    import torchattacks  # half a second to import (it loads scipy.stats): only when attacking
+    from torchattacks.attack import Attack
+
     classes = {}
     for name in torchattacks.__all__:
         cls = getattr(torchattacks, name)
@@ -304,11 +308,12 @@ def _resolve(spec: AttackSpec) -> tuple[type[Attack], dict[str, Any]]:
     return cls, values
 
 
-DEFAULT_SUITE: list[AttackSpec] = [
-    parse_attack("fgsm:eps=0.01"),
-    parse_attack("fgsm:eps=0.1"),
-    parse_attack("pgd:eps=8/255,alpha=2/255,steps=3"),
-]
+DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm:eps=0.01", "fgsm:eps=0.1", "pgd:eps=8/255,alpha=2/255,steps=3")
+
+
+def default_suite() -> list[AttackSpec]:
+    """The papers' suite: FGSM ε 0.01 and 0.1, PGD ε 8/255 with step 2/255 × 3."""
+    return [parse_attack(text) for text in DEFAULT_ATTACKS]
 
 
 def pixel_eps_to_normalized(eps: float, norm: Normalization) -> tuple[float, ...]:
@@ -492,7 +497,7 @@ def evaluate_robustness(
     model: nn.Module,
     normalization: Normalization,
     dataset: object,
-    attacks: Sequence[AttackSpec | str] = DEFAULT_SUITE,
+    attacks: Sequence[AttackSpec | str] | None = None,
     *,
     eps_space: str = "pixel",
     batch_size: int = 128,
@@ -509,8 +514,8 @@ def evaluate_robustness(
     RNG so the caller's random state is untouched. On up to 32 examples of the first batch it
     checks that input gradients are non-zero and that every ε attack at ε = 0 reproduces the
     clean count (except AutoAttack and Square, whose ε = 0 run is a full query budget); failures
-    are recorded in `warnings`."""
-    specs = [parse_attack(a) if isinstance(a, str) else a for a in attacks]
+    are recorded in `warnings`. `attacks=None` runs the default suite."""
+    specs = [parse_attack(a) if isinstance(a, str) else a for a in (DEFAULT_ATTACKS if attacks is None else attacks)]
     labels = [s.label for s in specs]
     duplicate = next((lab for lab in labels if labels.count(lab) > 1), None)
     if duplicate is not None:

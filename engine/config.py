@@ -12,7 +12,7 @@ from typing import Any
 
 import tomli_w
 
-from .attacks import DEFAULT_SUITE, AttackSpec
+from .attacks import DEFAULT_ATTACKS, AttackSpec
 from .errors import ConfigError
 from .fileio import write_text_atomic
 from .pruning import PruneConfig
@@ -101,7 +101,7 @@ class RunSection:
 
 
 def _default_attacks() -> list[str]:
-    return [spec.to_text() for spec in DEFAULT_SUITE]
+    return list(DEFAULT_ATTACKS)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist, pdist
-from scipy.stats import rankdata
 
 from .grouping import check_divisible, groups_from_labels
 from .traces import Clustering, TmiTicket, TmiVote, Tracer
@@ -245,6 +244,8 @@ def rank_schemes(gap_mean: np.ndarray, gap_var: np.ndarray, alpha: float,
                  weighting: str = "paper") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eq. 4 on the last axis: average ranks (1 = smallest) of gap mean and variance, and
     `R(mean) + alpha*R(var)` (`paper`) or `alpha*R(mean) + R(var)` (`reference`)."""
+    from scipy.stats import rankdata  # scipy.stats takes a third of a second to import
+
     rank_mean = rankdata(gap_mean, method="average", axis=-1)
     rank_var = rankdata(gap_var, method="average", axis=-1)
     if weighting == "reference":
