@@ -5,7 +5,7 @@ each fine-tuned with the same budget and evaluated on the same test images: beni
 FGSM ε 0.01 / 0.1, PGD-3 ε 8/255, the frequency probe at θ = 2 and 4, and the corruption ratio,
 as mean ± std over seeds.
 
-    python -m bench.study [--full] [--seeds N] [--epochs N] [--jobs N] [--docs]
+    python -m bench.study [--full] [--seeds N] [--epochs N] [--jobs N] [--mode standard] [--docs]
 
 Quick (default): 3 seeds × 6 epochs. Full: 5 seeds × 20 epochs. The seed drives pruning (TMI
 clustering, random groupings) and fine-tuning (order, augmentation); the data split and attack
@@ -20,6 +20,7 @@ docs/STUDY.md."""
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import platform
@@ -29,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ from torch import nn
 
 from engine import pipeline
 from engine.config import RunConfig
-from engine.filter_pruning import match_macs
 from engine.fileio import write_json_atomic, write_text_atomic
+from engine.filter_pruning import match_macs
 from engine.metrics import count_cost
 from engine.plan import PrunePlan
 from engine.reconstruct import apply_plan, equivalence_error, masked_dense
+from engine.training import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "study.json"
@@ -94,20 +96,22 @@ class Settings:
     epochs: int
     jobs: int
     device: str = "cpu"
+    mode: str = "standard"
     methods: tuple[str, ...] = tuple(m.key for m in METHODS)
 
     @staticmethod
-    def quick(jobs: int = 2) -> "Settings":
+    def quick(jobs: int = 2) -> Settings:
         return Settings(seeds=(0, 1, 2), epochs=6, jobs=jobs)
 
     @staticmethod
-    def full(jobs: int = 2) -> "Settings":
+    def full(jobs: int = 2) -> Settings:
         return Settings(seeds=(0, 1, 2, 3, 4), epochs=20, jobs=jobs)
 
 
-def study_config(seed: int, epochs: int, device: str) -> RunConfig:
+def study_config(seed: int, epochs: int, device: str, mode: str = "standard") -> RunConfig:
     """The run configuration of one study unit: SPEC defaults except the seeds, the epoch budget,
-    the probe thresholds and the deployed form (grouped: the study times nothing)."""
+    the fine-tuning mode, the probe thresholds and the deployed form (grouped: the study times
+    nothing)."""
     config = RunConfig()
     config.run.seed = DATA_SEED
     config.run.device = device
@@ -116,6 +120,7 @@ def study_config(seed: int, epochs: int, device: str) -> RunConfig:
     config.finetune.seed = seed
     config.finetune.epochs = epochs
     config.finetune.device = device
+    config.finetune.mode = mode
     config.evaluate.thresholds = list(THETAS)
     config.validate()
     return config
@@ -144,11 +149,11 @@ def trainable_masked(model: nn.Module, plan: PrunePlan) -> tuple[nn.Module, list
     return dense, handles
 
 
-def run_unit(key: str, seed: int, epochs: int, target_macs: int, device: str) -> dict[str, Any]:
+def run_unit(key: str, seed: int, epochs: int, target_macs: int, device: str, mode: str) -> dict[str, Any]:
     """Prune (or not), fine-tune and evaluate one method with one seed; runs in a worker."""
     torch.set_num_threads(1)
     method = BY_KEY[key]
-    ws = pipeline.open_workspace(study_config(seed, epochs, device))
+    ws = pipeline.open_workspace(study_config(seed, epochs, device, mode))
     for name, value in method.prune.items():
         ws.config.set(f"prune.{name}", value)
     started = time.perf_counter()
@@ -242,42 +247,67 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PLOT_SERIES: tuple[tuple[str, str], ...] = (
+    ("benign", "Benign"), ("fgsm-0.01", "FGSM ε=0.01"), ("pgd-8/255", "PGD-3 ε=8/255"), ("fgsm-0.1", "FGSM ε=0.1"),
+)
+PLOT_COLORS = ("#333333", "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#dd8452")
+
+
+def _axis(values: list[float]) -> tuple[float, float, float]:
+    """A zoomed percent axis (low, high, tick step) holding every value with a little room."""
+    low = max(0.0, 5 * math.floor((min(values) - 1) / 5))
+    high = min(100.0, 5 * math.ceil((max(values) + 1) / 5))
+    step = next(s for s in (1, 2, 5, 10, 20) if (high - low) / s <= 6)
+    return low, high, step
+
+
 def render_svg(rows: list[dict[str, Any]]) -> str:
-    """A grouped bar chart (mean with ±std whiskers) of benign, FGSM and PGD accuracy per method."""
-    series = [("benign", "Benign", "#4c72b0"), ("fgsm-0.01", "FGSM 0.01", "#55a868"),
-              ("pgd-8/255", "PGD-3 8/255", "#dd8452"), ("fgsm-0.1", "FGSM 0.1", "#c44e52")]
-    width, height, left, top, bottom = 960, 400, 56, 40, 110
-    plot_h = height - top - bottom
-    group_w = (width - left - 20) / max(1, len(rows))
-    bar_w = group_w * 0.8 / len(series)
-    y = lambda value: top + plot_h * (1 - value)  # noqa: E731 - value is a fraction in [0, 1]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
+    """One panel per attack setting, each with its own zoomed accuracy axis: every seed as a dot,
+    the mean as a bar, ±std as a whisker, one colour per method."""
+    panel_w, panel_h, left, top, gap = 215, 260, 50, 50, 25
+    width = left + len(PLOT_SERIES) * (panel_w + gap)
+    height = top + panel_h + 40 + 18 * math.ceil(len(rows) / 2)
+    slot = panel_w / max(1, len(rows))
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            'font-family="sans-serif" font-size="12">'),
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="20" font-size="14">Accuracy on the digits test split (%), mean ± std over seeds</text>']
-    for tick in range(0, 101, 20):
-        ty = y(tick / 100)
-        out.append(f'<line x1="{left}" x2="{width - 20}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end">{tick}</text>')
-    for g, row in enumerate(rows):
-        x0 = left + g * group_w + group_w * 0.1
-        for s, (key, _, color) in enumerate(series):
+           (f'<text x="{left}" y="20" font-size="14">Test accuracy (%) per method: dots are seeds, bars the '
+            'mean, whiskers ±std. Each panel has its own zoomed axis.</text>')]
+    for p, (key, title) in enumerate(PLOT_SERIES):
+        x0 = left + p * (panel_w + gap)
+        values = [100 * v for row in rows for v in row["metrics"].get(key, {}).get("values", [])]
+        if not values:
+            continue
+        low, high, step = _axis(values)
+
+        def y(v: float, low: float = low, high: float = high) -> float:
+            """Panel height of a percentage."""
+            return top + panel_h * (1 - (v - low) / (high - low))
+
+        out.append(f'<text x="{x0 + panel_w / 2:.1f}" y="{top - 10}" text-anchor="middle" font-weight="bold">{title}</text>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{panel_w}" height="{panel_h}" fill="none" stroke="#999"/>')
+        tick = low
+        while tick <= high + 1e-9:
+            out.append(f'<line x1="{x0}" x2="{x0 + panel_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#e5e5e5"/>')
+            out.append(f'<text x="{x0 - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+            tick += step
+        for i, row in enumerate(rows):
             stat = row["metrics"].get(key)
             if stat is None:
                 continue
-            x = x0 + s * bar_w
-            out.append(f'<rect x="{x:.1f}" y="{y(stat["mean"]):.1f}" width="{bar_w - 1:.1f}" '
-                       f'height="{plot_h * stat["mean"]:.1f}" fill="{color}"/>')
+            color, cx = PLOT_COLORS[i % len(PLOT_COLORS)], x0 + (i + 0.5) * slot
+            mean = 100 * stat["mean"]
+            out.append(f'<line x1="{cx - slot * 0.35:.1f}" x2="{cx + slot * 0.35:.1f}" y1="{y(mean):.1f}" '
+                       f'y2="{y(mean):.1f}" stroke="{color}" stroke-width="3"/>')
             if stat["std"]:
-                cx = x + (bar_w - 1) / 2
-                lo, hi = y(max(0.0, stat["mean"] - stat["std"])), y(min(1.0, stat["mean"] + stat["std"]))
-                out.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{lo:.1f}" y2="{hi:.1f}" stroke="black"/>')
-        cx = left + g * group_w + group_w / 2
-        out.append(f'<text transform="translate({cx:.1f},{top + plot_h + 14}) rotate(25)">{row["method"]}</text>')
-    for s, (_, title, color) in enumerate(series):
-        lx = left + 10 + s * 130
-        out.append(f'<rect x="{lx}" y="{height - 22}" width="12" height="12" fill="{color}"/>')
-        out.append(f'<text x="{lx + 16}" y="{height - 12}">{title}</text>')
+                lo, hi = max(low, mean - 100 * stat["std"]), min(high, mean + 100 * stat["std"])
+                out.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" stroke="{color}"/>')
+            for v in stat["values"]:
+                out.append(f'<circle cx="{cx:.1f}" cy="{y(100 * v):.1f}" r="3" fill="{color}" fill-opacity="0.6"/>')
+    for i, row in enumerate(rows):
+        lx, ly = left + (i % 2) * 480, top + panel_h + 30 + 18 * (i // 2)
+        out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{PLOT_COLORS[i % len(PLOT_COLORS)]}"/>')
+        out.append(f'<text x="{lx + 18}" y="{ly}">{row["label"]}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -298,15 +328,15 @@ def render_section(report: dict[str, Any]) -> str:
     """The generated part of docs/STUDY.md: how it was made, the table and the plot."""
     s, m = report["settings"], report["machine"]
     ratio = next((r["filter_ratio"] for r in report["summary"] if r["method"] == "l1"), None)
-    l1_note = "" if ratio is None else f"; L1 prunes {100 * ratio:.1f}% of each block's first-conv filters"
+    l1_note = "" if ratio is None else f"; L1 prunes {100 * ratio:.2f}% of each block's first-conv filters"
     return "\n".join([
-        f"Generated by `{report['command']}` on {report['finished'][:10]}: {len(s['seeds'])} seeds "
-        f"({', '.join(map(str, s['seeds']))}) × {s['epochs']} fine-tuning epochs, {s['jobs']} worker processes "
-        f"of one torch thread on {m['cpu']} ({m['cores']} cores, {m['platform']}; torch {m['torch']}), "
-        f"device {s['device']}; wall time {report['seconds'] / 60:.1f} min.",
+        (f"Generated by `{report['command']}` on {report['finished'][:10]}: {len(s['seeds'])} seeds "
+         f"({', '.join(map(str, s['seeds']))}) × {s['epochs']} fine-tuning epochs ({s['mode']} mode), "
+         f"{s['jobs']} worker processes of one torch thread on {m['cpu']} ({m['cores']} cores, {m['platform']}; "
+         f"torch {m['torch']}), device {s['device']}; wall time {report['seconds'] / 60:.1f} min."),
         "",
-        f"Test split: {report['n_test']} digits. GKP target MACs {report['target_macs'] / 1e6:.2f} M{l1_note}. "
-        "Accuracies in %, mean ± sample std over seeds; the unpruned model is evaluated once.",
+        (f"Test split: {report['n_test']} digits. GKP target MACs {report['target_macs'] / 1e6:.2f} M{l1_note}. "
+         "Accuracies in %, mean ± sample std over seeds; the unpruned model is evaluated once."),
         "",
         render_table(report["summary"]),
         "",
@@ -340,7 +370,7 @@ def run_study(settings: Settings, command: str) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_unit, key, seed, settings.epochs, target, settings.device): (key, seed)
+        futures = {pool.submit(run_unit, key, seed, settings.epochs, target, settings.device, settings.mode): (key, seed)
                    for key, seed in units}
         for future in as_completed(futures):
             unit = future.result()
@@ -352,10 +382,10 @@ def run_study(settings: Settings, command: str) -> dict[str, Any]:
     summary = summarize(results, settings.methods)
     return {
         "command": command,
-        "settings": {"seeds": list(settings.seeds), "epochs": settings.epochs, "jobs": settings.jobs,
+        "settings": {"seeds": list(settings.seeds), "epochs": settings.epochs, "mode": settings.mode, "jobs": settings.jobs,
                      "device": settings.device, "data_seed": DATA_SEED, "thetas": list(THETAS)},
         "machine": machine(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": time.perf_counter() - started,
         "target_macs": target,
         "n_test": results[0]["n_test"],
@@ -378,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs per model")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--mode", default="standard", help="fine-tuning mode: standard (default), fastat, sam or asam")
     parser.add_argument("--methods", default="", help=f"subset, comma-separated: {', '.join(BY_KEY)}")
     parser.add_argument("--docs", action="store_true", help="also write docs/study/ and the table in docs/STUDY.md")
     args = parser.parse_args(argv)
@@ -386,11 +417,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [m for m in methods if m not in BY_KEY]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(BY_KEY)}")
+    if args.mode not in MODES:
+        parser.error(f"--mode must be one of {', '.join(MODES)}")
     if any(v is not None and v < 1 for v in (args.seeds, args.epochs)) or args.jobs < 1:
         parser.error("--seeds, --epochs and --jobs must be at least 1")
     settings = Settings(
         seeds=tuple(range(args.seeds)) if args.seeds else preset.seeds,
-        epochs=args.epochs or preset.epochs, jobs=args.jobs, device=args.device,
+        epochs=args.epochs or preset.epochs, jobs=args.jobs, device=args.device, mode=args.mode,
         methods=tuple(key for key in BY_KEY if key in methods),
     )
     command = "python -m bench.study " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -186,12 +186,11 @@ def match_macs(model: nn.Module, target_macs: int, input_shape: tuple[int, ...])
     def macs(result: FilterPruneResult) -> int:
         return count_cost(result.model, input_shape).macs
 
-    original = count_cost(model, input_shape).macs
     low = prune_filters(model, 0.0)
-    low_macs = macs(low)
+    low_macs = original = macs(low)
     if target_macs >= low_macs:
         return MacMatch(low, target_macs, low_macs, original)
-    # The largest ratio below 1 that float arithmetic tells apart from 1.
+    # A ratio just below 1: one filter left in every pruned layer.
     high = prune_filters(model, 1.0 - 1e-9)
     high_macs = macs(high)
     if high_macs >= target_macs:

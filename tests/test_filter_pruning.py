@@ -4,6 +4,7 @@ original with the pruned filters silenced, MAC matching, and bad input."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_resnet_shapes_shrink_block_internal_width_only(naming: str, shortcut: s
         assert getattr(block, bn_a).num_features == kept
         assert getattr(block, conv_b).in_channels == kept
         assert getattr(block, conv_b).out_channels == width  # the residual width stays
-    assert [layer.name for layer in result.layers][0] == f"{'layer1' if naming == 'layer' else 'stage_1'}.0.{conv_a}"
+    assert result.layers[0].name == f"{'layer1' if naming == 'layer' else 'stage_1'}.0.{conv_a}"
     assert result.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert count_cost(result.model, (1, 3, 32, 32)).macs < count_cost(model, (1, 3, 32, 32)).macs
 
@@ -148,7 +149,7 @@ def test_match_macs_finds_the_closest_attainable_model() -> None:
     # Every attainable model: a layer of C filters changes its kept count where (1-r)*C + 0.5
     # crosses a whole number, so one ratio between each pair of neighbouring breakpoints covers all.
     breaks = sorted({1 - (j - 0.5) / c for c in (16, 32, 64) for j in range(1, c + 1)} | {0.0, 1.0})
-    attainable = {count_cost(prune_filters(model, (a + b) / 2).model, shape).macs for a, b in zip(breaks, breaks[1:])}
+    attainable = {count_cost(prune_filters(model, (a + b) / 2).model, shape).macs for a, b in itertools.pairwise(breaks)}
     for target in (9_000_000, 6_543_210, 4_000_000):
         best = min(abs(m - target) for m in attainable)
         assert abs(match_macs(model, target, shape).achieved_macs - target) == best
