@@ -183,8 +183,10 @@ def prune(
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
+    check_cancel(cancel)
     masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
+    check_cancel(cancel)
     timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(

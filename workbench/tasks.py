@@ -72,7 +72,7 @@ def open_model(config: RunConfig, progress: ProgressCallback, cancel: threading.
 def prune_model(ws: Workspace, progress: ProgressCallback, cancel: threading.Event) -> Pruned:
     events: list[TraceEvent] = []
     outcome = prune(ws, on_event=events.append, progress=progress, cancel=cancel)
-    check_cancel(cancel)  # deployment timing does not watch the event; a late cancel still wins
+    check_cancel(cancel)  # a cancel during the final latency timing still discards the result
     return Pruned(outcome, events)
 
 
