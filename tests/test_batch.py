@@ -205,3 +205,20 @@ def test_interrupt_exits_130_and_resume_finishes(tmp_path: Path, quick_config: P
     report = json.loads(resumed.stdout)
     assert report["stages_completed"] == ["prune", "finetune", "evaluate"]
     assert len(report["finetune"]["history"]) == 2
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path, quick_config: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--batch", "--stages", "evaluate", "--config", str(quick_config), "--max-examples", "32",
+              "--attacks", "fgsm:eps=0.01;fgsm:eps=0.1", "--json"]
+    single = subprocess.run([sys.executable, "-m", "workbench", *common, "--out", str(tmp_path / "one")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "workbench"]
+    double = subprocess.run([*launcher, *common, "--out", str(tmp_path / "two")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr
+    one, two = json.loads(single.stdout)["evaluate"], json.loads(double.stdout)["evaluate"]
+    assert two["n_examples"] == one["n_examples"] == 32
+    assert two["clean_acc"] == one["clean_acc"] and two["attacks"] == one["attacks"]  # FGSM is deterministic
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["evaluate"]["attacks"] == one["attacks"]
