@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ class Workspace:
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
         return (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+
+    @cached_property
+    def cost(self) -> ModelCost:
+        """Params and MACs of the opened model, counted once."""
+        return count_cost(self.model, self.input_shape)
 
     @property
     def plan(self) -> PrunePlan | None:
@@ -193,7 +199,7 @@ def prune(
         plan=plan,
         model=grouped,
         deployed=deployed,
-        cost_before=count_cost(original, ws.input_shape),
+        cost_before=ws.cost,
         cost_after=count_cost(grouped, ws.input_shape),
         equivalence_max_abs_err=error,
         seconds=seconds,

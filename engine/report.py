@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .metrics import MAC_COUNTER, count_cost
+from .metrics import MAC_COUNTER
 
 if TYPE_CHECKING:
     from .pipeline import Workspace
@@ -44,7 +44,7 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
 
 def build_report(ws: "Workspace", results: dict[str, Any], completed: list[str]) -> dict[str, Any]:
     """Assemble the report from the stage results gathered so far."""
-    cost = count_cost(ws.model, ws.input_shape)
+    cost = ws.cost
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "version": REPORT_VERSION,
