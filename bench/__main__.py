@@ -20,7 +20,8 @@ Order and what --quick (default; 11-14 min measured on 2 shared cores) and --ful
             5 seeds x 20 epochs.
 
 A failing step is reported and the others still run; the exit code is 1 if any failed. `--docs`
-also rewrites the generated sections of docs/BENCH.md and docs/STUDY.md from this run."""
+also rewrites the generated sections of docs/BENCH.md and docs/STUDY.md. bench/results/bench.json
+keeps the latest results of every step: those this run skipped are carried over from before."""
 
 from __future__ import annotations
 
@@ -155,6 +156,21 @@ def render_bench(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def with_earlier_steps(summary: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """This run's summary plus the steps an earlier run measured and this one did not, so
+    `--steps X --docs` rewrites X's tables and keeps the others."""
+    if earlier is None:
+        return summary
+    ran = {s["step"] for s in summary["steps"]}
+    kept = [s for s in earlier.get("steps", []) if s["step"] not in ran and s["step"] in earlier.get("data", {})]
+    if not kept:
+        return summary
+    steps = sorted([*kept, *summary["steps"]], key=lambda s: STEPS.index(s["step"]))
+    data = {s["step"]: earlier["data"][s["step"]] for s in kept} | summary["data"]
+    return {**summary, "command": f"{earlier['command']}, then {summary['command']}", "steps": steps, "data": data,
+            "seconds": round(sum(s["seconds"] for s in steps), 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -167,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in steps if s not in STEPS]
     if unknown or not steps:
         parser.error(f"--steps takes a subset of {','.join(STEPS)}")
+    bench_json = RESULTS_DIR / "bench.json"
+    earlier = _read(bench_json) if bench_json.is_file() else None
     started = time.perf_counter()
     done: list[dict[str, Any]] = []
     data: dict[str, Any] = {}
@@ -181,13 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             status = f"failed: {type(exc).__name__}: {exc}"
         done.append({"step": step, "status": status, "seconds": round(time.perf_counter() - begin, 1)})
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    seconds = round(time.perf_counter() - started, 1)
     summary = {"command": command.strip(), "mode": "full" if args.full else "quick", "steps": done,
-               "seconds": round(time.perf_counter() - started, 1), "data": data}
-    write_json_atomic(RESULTS_DIR / "bench.json", summary)
+               "seconds": seconds, "data": data}
+    summary = with_earlier_steps(summary, earlier)
+    write_json_atomic(bench_json, summary)
     print(f"\n{'step':<8} {'minutes':>7}  status")
     for s in done:
         print(f"{s['step']:<8} {s['seconds'] / 60:7.1f}  {s['status']}")
-    print(f"total {summary['seconds'] / 60:.1f} min; results in {RESULTS_DIR}")
+    print(f"total {seconds / 60:.1f} min; results in {RESULTS_DIR}")
     if args.docs:
         study.replace_section(BENCH_DOC, "bench", render_bench(summary))
         print(f"wrote {BENCH_DOC}")

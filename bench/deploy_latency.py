@@ -29,7 +29,8 @@ from engine.devices import resolve_device
 from engine.fileio import write_json_atomic
 from engine.latency import measure_latency
 from engine.metrics import count_cost
-from engine.pruning import PruneConfig, plan_pruning
+from engine.prune_config import PruneConfig
+from engine.pruning import plan_pruning
 from engine.reconstruct import apply_plan, deploy_summary
 
 FORMS = ("original", "grouped", "dense", "auto")

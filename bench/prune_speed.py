@@ -24,7 +24,8 @@ import torch
 
 from engine.cifar_resnet import CifarResNet
 from engine.fileio import write_json_atomic
-from engine.pruning import PruneConfig, plan_pruning
+from engine.prune_config import PruneConfig
+from engine.pruning import plan_pruning
 from engine.traces import TraceEvent, event_line
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_speed.json"

@@ -44,7 +44,7 @@ from engine.filter_pruning import match_macs
 from engine.metrics import count_cost
 from engine.plan import PrunePlan
 from engine.reconstruct import apply_plan, equivalence_error, masked_dense
-from engine.training import MODES
+from engine.finetune_config import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "study.json"

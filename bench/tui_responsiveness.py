@@ -1,6 +1,7 @@
 """Responsiveness of the interactive workbench against its targets: launch to first screen
 (<= 2 s), heatmap render of a 512×512 layer (<= 50 ms) and the longest main-thread stall while a
-fine-tune runs (<= 100 ms). Prints a table and writes bench/results/tui_responsiveness.json.
+fine-tune runs (<= 100 ms); also the longest stall while the model opens (torch loading in the
+open worker). Prints a table and writes bench/results/tui_responsiveness.json.
 
     .venv/bin/python -m bench.tui_responsiveness [--checkpoint PATH] [--stall-seconds 15]
 
@@ -39,18 +40,28 @@ TICK = 0.01  # seconds between the stall probe's timer ticks
 COUNTS = ("visible_lines", "finetune_ticks", "finetune_progress_points", "finetune_epochs_done")
 
 # Run in a fresh interpreter: prints JSON with wall-clock stamps of the first screen and of the
-# model being open, so the parent can include interpreter start and every import.
+# model being open, so the parent can include interpreter start and every import, and the
+# largest lateness of a main-thread timer while the open worker loads torch and the model.
 _LAUNCH_CHILD = r"""
 import json, sys, time
 from workbench.app import WorkbenchApp, build_config
 imported = time.time()
 stamps = {"imported": imported}
+TICK = float(sys.argv[2])
+gaps = []
 
 
 class Timed(WorkbenchApp):
     def on_ready(self):
         stamps["first_screen"] = time.time()  # Textual: the first frame has been displayed
+        self.last_tick = time.perf_counter()
+        self.set_interval(TICK, self.tick)
         super().on_ready()
+
+    def tick(self):
+        now = time.perf_counter()
+        gaps.append(now - self.last_tick - TICK)
+        self.last_tick = now
 
 
 overrides = {"run.device": "cpu"}
@@ -65,6 +76,7 @@ async def pilot(p):
     await p.pause()
     stamps["model_open"] = time.time()
     stamps["open_error"] = app.session.open_error
+    stamps["open_max_stall"] = 1000 * max(gaps[1:], default=0.0)
     app.exit()
 
 app.run(headless=True, size=(80, 24), auto_pilot=pilot)
@@ -75,7 +87,7 @@ print(json.dumps(stamps))
 def launch(checkpoint: str) -> dict[str, float]:
     start = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", _LAUNCH_CHILD, checkpoint], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", _LAUNCH_CHILD, checkpoint, str(TICK)], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[1],
     )
     stamps = json.loads(done.stdout.strip().splitlines()[-1])
@@ -86,6 +98,7 @@ def launch(checkpoint: str) -> dict[str, float]:
         "imports": 1000 * (stamps["imported"] - start),
         "app_start_to_first_screen": 1000 * (stamps["first_screen"] - stamps["imported"]),
         "launch_to_model_open": 1000 * (stamps["model_open"] - start),
+        "open_max_stall": stamps["open_max_stall"],
     }
 
 

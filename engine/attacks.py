@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
 from .batch_eval import (
     count_correct,
     derive_seed,
@@ -34,13 +35,13 @@ from .batch_eval import (
 )
 from .devices import resolve_device
 from .errors import ConfigError, DataError
-from .normalization import Normalization, Normalize, with_normalization
+from .normalization import Normalization
+from .normalize_layer import Normalize, with_normalization
 from .progress import ProgressCallback
 
 if TYPE_CHECKING:
     from torchattacks.attack import Attack
 
-EPS_SPACES = ("pixel", "normalized")
 NORMALIZED_SPACE_ATTACKS = ("FGSM", "PGD")
 # Wrappers take other attacks or a training loader, which text cannot express.
 _WRAPPERS = {"MultiAttack", "LGV"}
@@ -56,22 +57,6 @@ _REAL_WITH_INT_DEFAULT = {"c", "kappa", "scale", "lam"}
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per-channel lower and upper bounds of valid inputs in normalised space.
 Box = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack: torchattacks class name, the parameters given for it, and its report label."""
-
-    name: str
-    params: dict
-    label: str
-
-    def to_text(self) -> str:
-        """The `name:key=value,...` text that `parse_attack` reads back into this spec."""
-        items = [f"{key}={_value_text(value)}" for key, value in self.params.items()]
-        if parse_attack(f"{self.name}:" + ",".join(items)).label != self.label:
-            items.append(f"label={self.label}")
-        return f"{self.name.lower()}:" + ",".join(items) if items else self.name.lower()
 
 
 @dataclass
@@ -204,12 +189,6 @@ def _format_number(value: float) -> str:
     return f"{value:g}"
 
 
-def _value_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _parse_value(attack: str, key: str, text: str, default: Any) -> Any:
     """Read one parameter value as the type of its default (untyped defaults take integers,
     numbers, `none` or text)."""
@@ -306,9 +285,6 @@ def _resolve(spec: AttackSpec) -> tuple[type[Attack], dict[str, Any]]:
         if key in spec.params and not values[key] >= 0:
             raise ConfigError(f"attack {spec.label}: {key} must not be negative")
     return cls, values
-
-
-DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm:eps=0.01", "fgsm:eps=0.1", "pgd:eps=8/255,alpha=2/255,steps=3")
 
 
 def default_suite() -> list[AttackSpec]:

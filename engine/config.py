@@ -12,15 +12,14 @@ from typing import Any
 
 import tomli_w
 
-from .attacks import DEFAULT_ATTACKS, AttackSpec
+from .attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
 from .errors import ConfigError
 from .fileio import write_text_atomic
-from .pruning import PruneConfig
-from .training import FinetuneConfig
+from .finetune_config import FinetuneConfig
+from .prune_config import PruneConfig
 
 STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
 DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
-EPS_SPACES: tuple[str, ...] = ("pixel", "normalized")
 
 
 @dataclass

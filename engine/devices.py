@@ -1,15 +1,21 @@
-"""Device selection: `auto` picks CUDA when present, else the CPU."""
+"""Device selection: `auto` picks CUDA when present, else the CPU. Torch is imported on first
+use, so configs naming `auto` or `cpu` are checked without loading it."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn `auto`, `cpu`, `cuda` or `cuda:i` into a usable `torch.device`, with a clear error
     when CUDA is asked for but absent."""
+    import torch
+
     key = (name or "auto").strip().lower()
     if key == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,3 +29,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
         return device
     raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device `resolve_device` would refuse; only names asking for CUDA load torch."""
+    if (name or "auto").strip().lower() not in ("auto", "cpu"):
+        resolve_device(name)

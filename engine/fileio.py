@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
@@ -40,6 +38,8 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """`torch.save` through an in-memory buffer and an atomic rename."""
+    import torch  # the JSON writers above serve torch-free callers (config, TUI start)
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes_atomic(path, buffer.getvalue())

@@ -6,14 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from .errors import ConfigError
-
-Compat = Literal["paper", "reference"]
-COMPAT_VALUES: tuple[str, ...] = ("paper", "reference")
+from .prune_config import COMPAT_VALUES, Compat, check_rate_and_groups
 
 
 @dataclass(frozen=True)
@@ -38,14 +35,6 @@ class ConvLayer:
     def achieved_ratio(self) -> float | None:
         """Fraction of grouped kernels pruned, `1 - S / C_in`, for an eligible layer."""
         return None if self.kept is None else 1.0 - self.kept / self.in_channels
-
-
-def check_rate_and_groups(rate: float, groups: int) -> None:
-    """Reject a pruning rate outside [0, 1) or a group count below 1."""
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ConfigError(f"groups must be a positive integer, got {groups!r}")
-    if not (0.0 <= float(rate) < 1.0):
-        raise ConfigError(f"rate must be in [0, 1), got {rate!r}")
 
 
 def kept_count(in_channels: int, rate: float, compat: Compat = "paper") -> int:

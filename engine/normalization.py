@@ -1,13 +1,11 @@
 """Input normalisation: a property the user sets (it is not in a state dict) and that the
-workbench stores in every checkpoint it writes."""
+workbench stores in every checkpoint it writes. Plain data here; the layer that applies it is in
+`normalize_layer`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch
-from torch import nn
 
 from .errors import ConfigError
 
@@ -84,20 +82,3 @@ def parse_normalization(text: str) -> Normalization:
             "or m1,m2,m3/s1,s2,s3"
         ) from None
     return Normalization(mean, std)
-
-
-class Normalize(nn.Module):
-    """First op of an attackable model: maps [0, 1] pixels to the network's input space."""
-
-    def __init__(self, norm: Normalization) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def with_normalization(model: nn.Module, norm: Normalization) -> nn.Sequential:
-    """Wrap `model` so it takes [0, 1] pixels; the wrapper shares the model's parameters."""
-    return nn.Sequential(Normalize(norm), model)

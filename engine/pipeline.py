@@ -25,7 +25,8 @@ from .errors import ConfigError, SnapshotError
 from .latency import compare_latency
 from .layers import ConvLayer, discover_layers
 from .metrics import ModelCost, count_cost
-from .normalization import Normalization, Normalize, parse_normalization
+from .normalization import Normalization, parse_normalization
+from .normalize_layer import Normalize
 from .plan import PrunePlan
 from .probes import CorruptionReport, FrequencyReport, corruption_probe, frequency_probe
 from .progress import ProgressCallback, check_cancel

@@ -28,7 +28,8 @@ from .batch_eval import (
 )
 from .devices import resolve_device
 from .errors import ConfigError
-from .normalization import Normalization, with_normalization
+from .normalization import Normalization
+from .normalize_layer import with_normalization
 from .progress import ProgressCallback
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)

@@ -1,18 +1,15 @@
-"""The pruning orchestrator: PruneConfig (every knob of SPEC §1-4) and plan_pruning, which runs
+"""The pruning orchestrator: plan_pruning runs
 Stage 1 (filter grouping) and Stage 2 (grouped-kernel selection) on every eligible conv and
 returns the PrunePlan, streaming decision-trace events as it goes."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,138 +17,16 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, SnapshotError
 from .grouping import magnitude_snaking, random_grouping, smoothness_snaking
-from .layers import COMPAT_VALUES, ConvLayer, check_rate_and_groups, discover_layers
+from .layers import ConvLayer, discover_layers
 from .plan import LayerPlan, PrunePlan, SkippedLayer
 from .progress import Progress, ProgressCallback, check_cancel, report
-from .selection import (SELECTIONS, Choice, GroupContext, greedy_select, grouped_kernels, kernel_distances,
+from .prune_config import CLUSTER_PREFIX, PruneConfig
+from .selection import (Choice, GroupContext, greedy_select, grouped_kernels, kernel_distances,
                         l2_select, least_smooth_select, random_select, smooth_beam_select)
 from .smoothness import kernel_smoothness
-from .tmi import SCHEMES, cluster_filters, tmi_grouping
-from .traces import (TRACE_LEVELS, Clustering, LayerDone, LayerSkipped, LayerStart, RandomGrouping, SnakeDeal,
+from .tmi import cluster_filters, tmi_grouping
+from .traces import (Clustering, LayerDone, LayerSkipped, LayerStart, RandomGrouping, SnakeDeal,
                      TraceEvent, Tracer)
-
-METHODS: dict[str, tuple[str, str]] = {
-    "sr-gkp": ("smoothness-snaking", "smooth-beam"),
-    "tmi-gkp": ("tmi", "greedy"),
-}
-CLUSTER_PREFIX = "cluster:"
-MAX_BEAM_CANDIDATES = 4096  # a beam holds up to beam_width ** (check_every + 1) sets before a cut
-GROUPINGS: tuple[str, ...] = (
-    "smoothness-snaking", "magnitude-snaking", "random", "tmi", *(CLUSTER_PREFIX + s for s in SCHEMES),
-)
-
-
-@dataclass
-class PruneConfig:
-    """Every pruning knob with the SPEC default. `grouping` / `selection` override the method's
-    own stages for ablations (None = the method's)."""
-
-    method: str = "sr-gkp"
-    grouping: str | None = None
-    selection: str | None = None
-    rate: float = 0.4375
-    groups: int = 8
-    compat: str = "paper"
-    seed: int = 0
-    smoothness_power: int = 2
-    include_pointwise: bool = False
-    skip_stem: bool = True
-    exclude: list[str] = field(default_factory=list)
-    beam_width: int = 2
-    check_every: int = 3
-    csb_alpha: float = 0.9
-    gamma_ratio: float = 0.2
-    beta: float | str = "auto"
-    tmi_alpha: float = 0.5
-    ticket_window: tuple[int, int] = (35, 70)
-    ticket_step: int = 1
-    tmi_schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
-    trace_level: str = "decisions"
-
-    @property
-    def resolved_grouping(self) -> str:
-        return self.grouping or METHODS[self.method][0]
-
-    @property
-    def resolved_selection(self) -> str:
-        return self.selection or METHODS[self.method][1]
-
-    @property
-    def ticket_epochs(self) -> list[int]:
-        """The ticket epochs TMI scores: the window, both ends included, every `ticket_step`."""
-        first, last = self.ticket_window
-        return list(range(first, last + 1, self.ticket_step))
-
-    def validate(self) -> None:
-        """Raise `ConfigError` with one clear sentence for the first bad value."""
-        _one_of("method", self.method, tuple(METHODS))
-        if self.grouping is not None:
-            _one_of("grouping", self.grouping, GROUPINGS)
-        if self.selection is not None:
-            _one_of("selection", self.selection, SELECTIONS)
-        try:
-            check_rate_and_groups(self.rate, self.groups)
-        except ConfigError as exc:
-            raise ConfigError(f"prune.{exc}") from None
-        _one_of("compat", self.compat, COMPAT_VALUES)
-        _one_of("trace_level", self.trace_level, TRACE_LEVELS)
-        _integer("seed", self.seed, 0)
-        if self.smoothness_power not in (1, 2) or isinstance(self.smoothness_power, bool):
-            raise ConfigError(f"prune.smoothness_power must be 1 or 2, got {self.smoothness_power!r}")
-        for name in ("include_pointwise", "skip_stem"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"prune.{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(n, str) for n in self.exclude):
-            raise ConfigError("prune.exclude must be a list of layer names")
-        _integer("beam_width", self.beam_width, 1)
-        _integer("check_every", self.check_every, 1)
-        if self.beam_width ** (self.check_every + 1) > MAX_BEAM_CANDIDATES:
-            raise ConfigError(
-                f"prune.beam_width ** (check_every + 1) is {self.beam_width ** (self.check_every + 1)} beam "
-                f"candidates per start; at most {MAX_BEAM_CANDIDATES} are allowed"
-            )
-        _number("csb_alpha", self.csb_alpha, 0.0, 1.0)
-        _number("gamma_ratio", self.gamma_ratio, 0.0, 1.0, low_open=True)
-        if self.beta != "auto":
-            _number("beta", self.beta, 0.0, math.inf, what='"auto" or a number >= 0')
-        _number("tmi_alpha", self.tmi_alpha, 0.0, math.inf)
-        window = self.ticket_window
-        if (not isinstance(window, (list, tuple)) or len(window) != 2
-                or not all(isinstance(e, int) and not isinstance(e, bool) for e in window)
-                or not 0 <= window[0] <= window[1]):
-            raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last, got {window!r}")
-        _integer("ticket_step", self.ticket_step, 1)
-        schemes = self.tmi_schemes
-        if not isinstance(schemes, (list, tuple)) or not schemes or len(set(schemes)) != len(schemes):
-            raise ConfigError(f"prune.tmi_schemes must list distinct schemes from {', '.join(SCHEMES)}, got {schemes!r}")
-        for scheme in schemes:
-            _one_of("tmi_schemes entry", scheme, SCHEMES)
-
-    def params(self) -> dict[str, Any]:
-        """Every parameter, JSON-ready, with `grouping` / `selection` resolved."""
-        data = dataclasses.asdict(self)
-        data["ticket_window"] = list(self.ticket_window)
-        data["grouping"], data["selection"] = self.resolved_grouping, self.resolved_selection
-        return data
-
-
-def _one_of(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"prune.{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _integer(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"prune.{name} must be an integer >= {low}, got {value!r}")
-
-
-def _number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, what: str = "") -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bounds = what or (f"a number in {'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high)
-                          else f"a number >= {low:g}")
-        raise ConfigError(f"prune.{name} must be {bounds}, got {value!r}")
 
 
 def _epochs_text(epochs: Sequence[int]) -> str:

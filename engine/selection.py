@@ -19,7 +19,6 @@ from .progress import check_cancel
 from .traces import (BeamCandidate, BeamCut, BeamFinal, FinalCandidate, FinalChoice, RankedSelection,
                      StartResults, Tracer)
 
-SELECTIONS: tuple[str, ...] = ("smooth-beam", "greedy", "l2", "least-smooth", "random")
 _NEG = -(1 << 62)  # marks kernels already in a set; stays negative after any sum of distances
 _BIG = 1 << 62  # subtracted to hide a proposal from the next argmax, then added back
 _CHUNK_ELEMENTS = 1 << 18  # restarts per chunk keep each (restarts x candidates x C_in) array cache-sized

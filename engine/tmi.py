@@ -14,9 +14,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist, pdist
 
 from .grouping import check_divisible, groups_from_labels
+from .prune_config import SCHEMES
 from .traces import Clustering, TmiTicket, TmiVote, Tracer
 
-SCHEMES: tuple[str, ...] = ("kpca", "spectral", "tsne-dbscan")
 SPECTRAL_NEIGHBOURS = 16
 KMEANS_INITS = 10
 KMEANS_MAX_ITER = 100

@@ -8,9 +8,7 @@ is split across the processes, so N processes see the same batches as one."""
 
 from __future__ import annotations
 
-import math
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,20 +24,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .attacks import AttackSpec, parse_attack
 from .augment import CropFlipDraws
 from .batch_eval import derive_seed
 from .data import DataBundle
-from .devices import resolve_device
 from .distributed import DistContext, evaluate_sharded
 from .errors import Cancelled, CheckpointError, ConfigError, DataError
 from .fileio import torch_save_atomic
-from .normalization import Normalization, with_normalization
+from .finetune_config import FinetuneConfig, metric_filename
+from .normalization import Normalization
+from .normalize_layer import with_normalization
 from .progress import Progress, ProgressCallback, check_cancel, report
 
-MODES: tuple[str, ...] = ("standard", "fastat", "sam", "asam")
-SCHEDULES: tuple[str, ...] = ("step", "cosine")
-DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5}
 CROP_PAD = 4
 STATE_FILE = "last.pt"
 STATE_FORMAT = "gkp-finetune-state"
@@ -51,136 +46,6 @@ _SHUFFLE, _AUGMENT, _FASTAT = 0, 1, 2
 
 SaveModel = Callable[[Path, nn.Module, dict[str, Any]], None]
 EpochHook = Callable[[int, nn.Module], None]
-
-
-def _whole(value: Any, name: str, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"finetune.{name} must be a whole number of at least {low}, got {value!r}")
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"finetune.{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _flag(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"finetune.{name} must be true or false, got {value!r}")
-
-
-def metric_filename(metric: str) -> str:
-    """The file-name form of a metric: `benign` → `benign`, `pgd-8/255` → `pgd-8-255`."""
-    return re.sub(r"[^a-z0-9._-]+", "-", metric.lower()).strip("-.")
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings; defaults are both papers' (SGD lr 0.01, momentum 0.9, weight decay
-    5e-4, step decay ×0.1, batch 64, crop + flip). Step milestones default to half and three
-    quarters of the epochs; `sam_rho` to 0.05 (sam) or 0.5 (asam). `amp` and `channels_last`
-    only take effect on CUDA. `track_attacks` are validated on every `eval_every`-th epoch and the
-    last, as specs or `parse_attack` text."""
-
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    milestones: list[int] | None = None
-    gamma: float = 0.1
-    batch_size: int = 64
-    mode: str = "standard"
-    fastat_eps: float = 8 / 255
-    fastat_alpha: float = 10 / 255
-    sam_rho: float | None = None
-    augment: bool = True
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    eval_every: int = 1
-    track_attacks: list[AttackSpec | str] = field(default_factory=list)
-    eval_max_examples: int | None = None
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise `ConfigError` with one sentence for the first bad value."""
-        _whole(self.epochs, "epochs", 1)
-        if _real(self.lr, "lr") <= 0:
-            raise ConfigError(f"finetune.lr must be positive, got {self.lr!r}")
-        if not 0 <= _real(self.momentum, "momentum") < 1:
-            raise ConfigError(f"finetune.momentum must be in [0, 1), got {self.momentum!r}")
-        if _real(self.weight_decay, "weight_decay") < 0:
-            raise ConfigError(f"finetune.weight_decay must not be negative, got {self.weight_decay!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"finetune.schedule must be step or cosine, got {self.schedule!r}")
-        if self.milestones is not None:
-            good = isinstance(self.milestones, list) and all(
-                isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
-            )
-            if not good or sorted(set(self.milestones)) != self.milestones or any(
-                not 1 <= m < self.epochs for m in self.milestones
-            ):
-                raise ConfigError(
-                    f"finetune.milestones must be increasing epochs between 1 and {self.epochs - 1}, "
-                    f"got {self.milestones!r}"
-                )
-        if not 0 < _real(self.gamma, "gamma") <= 1:
-            raise ConfigError(f"finetune.gamma must be in (0, 1], got {self.gamma!r}")
-        _whole(self.batch_size, "batch_size", 1)
-        if self.mode not in MODES:
-            raise ConfigError(f"finetune.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < _real(self.fastat_eps, "fastat_eps") <= 1:
-            raise ConfigError(f"finetune.fastat_eps must be in (0, 1] (pixel units), got {self.fastat_eps!r}")
-        if _real(self.fastat_alpha, "fastat_alpha") <= 0:
-            raise ConfigError(f"finetune.fastat_alpha must be positive, got {self.fastat_alpha!r}")
-        if self.sam_rho is not None and _real(self.sam_rho, "sam_rho") <= 0:
-            raise ConfigError(f"finetune.sam_rho must be positive, got {self.sam_rho!r}")
-        for name in ("augment", "amp", "channels_last", "compile"):
-            _flag(getattr(self, name), name)
-        if not isinstance(self.device, str):
-            raise ConfigError(f"finetune.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        resolve_device(self.device)
-        _whole(self.eval_every, "eval_every", 1)
-        if self.eval_max_examples is not None:
-            _whole(self.eval_max_examples, "eval_max_examples", 1)
-        _whole(self.seed, "seed", 0)
-        labels = [s.label for s in self.attack_specs()]
-        names = [metric_filename(label) for label in labels]
-        if "benign" in names or "" in names or len(set(names)) != len(names):
-            raise ConfigError(
-                "finetune.track_attacks labels must be distinct, not 'benign', and differ in "
-                f"letters or digits (they name best_<label>.pt files), got {labels}"
-            )
-
-    def attack_specs(self) -> list[AttackSpec]:
-        """`track_attacks` as `AttackSpec`s (text entries parsed with `parse_attack`)."""
-        if not isinstance(self.track_attacks, list):
-            raise ConfigError(f"finetune.track_attacks must be a list of attacks, got {self.track_attacks!r}")
-        specs = []
-        for item in self.track_attacks:
-            if isinstance(item, str):
-                specs.append(parse_attack(item))
-            elif isinstance(item, AttackSpec):
-                specs.append(item)
-            else:
-                raise ConfigError(f"finetune.track_attacks entries must be attack specs or text, got {item!r}")
-        return specs
-
-    def resolved_milestones(self) -> list[int]:
-        if self.milestones is not None:
-            return list(self.milestones)
-        return sorted({m for m in (self.epochs // 2, 3 * self.epochs // 4) if m >= 1})
-
-    def resolved_rho(self) -> float:
-        return self.sam_rho if self.sam_rho is not None else DEFAULT_RHO.get(self.mode, DEFAULT_RHO["sam"])
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values only (attacks as name/params/label dicts), for checkpoints and metadata."""
-        data = asdict(self)
-        data["track_attacks"] = [asdict(s) for s in self.attack_specs()]
-        return data
 
 
 @dataclass

@@ -22,7 +22,8 @@ from engine.data import load_data
 from engine.fileio import write_json_atomic
 from engine.progress import Progress
 from engine.snapshots import save_snapshot_archive
-from engine.training import FinetuneConfig, finetune
+from engine.finetune_config import FinetuneConfig
+from engine.training import finetune
 
 from . import HERE, SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
 

@@ -22,7 +22,8 @@ from engine.errors import ConfigError
 from engine.layers import discover_layers
 from engine.metrics import count_cost
 from engine.normalization import Normalization
-from engine.pruning import PruneConfig, plan_pruning
+from engine.prune_config import PruneConfig
+from engine.pruning import plan_pruning
 from engine.smoothness import filter_smoothness, kernel_smoothness
 from engine.traces import BeamCut, TraceEvent
 from sample_models import SAMPLE_CHECKPOINT
@@ -33,7 +34,8 @@ from workbench.app import WorkbenchApp, build_config
 from workbench.commands import WorkbenchCommands
 from workbench.jobs import CANCELLED, DONE, FAILED
 from workbench.keys import bindings_markdown
-from workbench.model_view import inspect_model, layer_rows
+from workbench.model_scan import inspect_model
+from workbench.model_view import layer_rows
 from workbench.prune_form import FIELDS, apply_form
 from workbench.replay import LayerReplay
 from workbench.screens.decisions import DecisionScreen
@@ -184,14 +186,14 @@ def test_beam_cut_frame_shows_every_candidate() -> None:
 
 def test_inspect_model_matches_the_engine() -> None:
     model = tiny_model()
-    info = inspect_model(model, (1, 3, 16, 16), power=2)
+    info = inspect_model(model, count_cost(model, (1, 3, 16, 16)), power=2)
     weight = model[4].weight
     assert set(info.smoothness) == {"0", "2", "4", "5"}
     assert np.allclose(info.smoothness["4"], kernel_smoothness(weight).numpy(), rtol=1e-6)
     assert np.array_equal(info.filter_smoothness["4"], filter_smoothness(weight).numpy())
-    assert info.cost.macs == count_cost(model, (1, 3, 16, 16)).macs
+    assert info.params["4"] == sum(p.numel() for p in model[4].parameters()) and info.in_channels["4"] == weight.shape[1]
     plan, _ = plan_with_events(PruneConfig(groups=4))
-    rows = {r.name: r for r in layer_rows(model, discover_layers(model, groups=4), info, plan)}
+    rows = {r.name: r for r in layer_rows(discover_layers(model, groups=4), info, plan)}
     assert rows["0"].status == "skipped" and "stem" in (rows["0"].reason or "")
     assert rows["4"].status == "pruned" and rows["4"].ratio == plan.layer("4").achieved_ratio
     assert rows["5"].status == "skipped"  # pointwise, left out of this plan

@@ -24,7 +24,8 @@ from engine.attacks import (
     pixel_eps_to_normalized,
 )
 from engine.errors import Cancelled, ConfigError, DataError
-from engine.normalization import PRESETS, Normalization, with_normalization
+from engine.normalization import PRESETS, Normalization
+from engine.normalize_layer import with_normalization
 
 NORM = Normalization((0.3,), (0.4,))
 

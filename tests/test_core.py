@@ -12,7 +12,8 @@ from torch import nn
 from engine.errors import ConfigError, PlanError
 from engine.fileio import write_json_atomic, write_text_atomic
 from engine.metrics import count_cost
-from engine.normalization import Normalization, Normalize, parse_normalization
+from engine.normalization import Normalization, parse_normalization
+from engine.normalize_layer import Normalize
 from engine.plan import LayerPlan, PrunePlan, SkippedLayer
 
 ENGINE = Path(__file__).resolve().parents[1] / "engine"
@@ -30,6 +31,21 @@ def test_engine_never_imports_textual_or_rich() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(modules) >= 8
+
+
+
+def test_workbench_starts_without_torch() -> None:
+    """Importing torch takes seconds; the app, its screens and the default config must not need
+    it, so the first screen draws before the open worker loads the engine."""
+    code = (
+        "import sys\n"
+        "import workbench.app, workbench.cli, workbench.screens.jobs, workbench.screens.prune\n"
+        "workbench.app.build_config(None, {'prune.method': 'tmi-gkp', 'finetune.mode': 'sam'}).to_toml()\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'torchattacks', 'scipy', 'sklearn'})\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_torchvision_ops_load() -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 from engine.data import load_data
-from engine.training import FinetuneConfig
+from engine.finetune_config import FinetuneConfig
 
 
 def build() -> nn.Module:

@@ -16,7 +16,8 @@ from engine.errors import ConfigError
 from engine.filter_pruning import largest_l1_filters, match_macs, prune_filters
 from engine.layers import kept_count
 from engine.metrics import count_cost
-from engine.pruning import PruneConfig, plan_pruning
+from engine.prune_config import PruneConfig
+from engine.pruning import plan_pruning
 from engine.reconstruct import apply_plan
 
 RESNET_VARIANTS = [("layer", "A"), ("layer", "B"), ("stage", "A"), ("stage", "B")]

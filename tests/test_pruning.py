@@ -13,8 +13,9 @@ from torch import nn
 from engine.cifar_resnet import CifarResNet
 from engine.errors import Cancelled, CheckpointError, ConfigError, SnapshotError
 from engine.plan import PrunePlan
-from engine.pruning import GROUPINGS, PruneConfig, plan_pruning
-from engine.selection import SELECTIONS, pair_beta
+from engine.prune_config import GROUPINGS, SELECTIONS, PruneConfig
+from engine.pruning import plan_pruning
+from engine.selection import pair_beta
 from engine.traces import LayerStart, StartResults, TraceEvent
 
 
@@ -153,12 +154,12 @@ def test_forced_clustering_needs_no_snapshots():
     ({"rate": 1.0}, r"prune.rate must be in \[0, 1\)"),
     ({"groups": 0}, "prune.groups must be a positive integer"),
     ({"compat": "legacy"}, "prune.compat must be one of paper, reference"),
-    ({"seed": -1}, "prune.seed must be an integer >= 0"),
+    ({"seed": -1}, "prune.seed must be a whole number of at least 0"),
     ({"smoothness_power": 3}, "prune.smoothness_power must be 1 or 2"),
     ({"skip_stem": "yes"}, "prune.skip_stem must be true or false"),
     ({"exclude": "conv1"}, "prune.exclude must be a list of layer names"),
-    ({"beam_width": 0}, "prune.beam_width must be an integer >= 1"),
-    ({"check_every": 1.5}, "prune.check_every must be an integer >= 1"),
+    ({"beam_width": 0}, "prune.beam_width must be a whole number of at least 1"),
+    ({"check_every": 1.5}, "prune.check_every must be a whole number of at least 1"),
     ({"beam_width": 4, "check_every": 6}, r"prune.beam_width \*\* \(check_every \+ 1\) is 16384 beam candidates"),
     ({"csb_alpha": 1.5}, r"prune.csb_alpha must be a number in \[0, 1\]"),
     ({"gamma_ratio": 0.0}, r"prune.gamma_ratio must be a number in \(0, 1\]"),
@@ -166,7 +167,7 @@ def test_forced_clustering_needs_no_snapshots():
     ({"beta": -1.0}, 'prune.beta must be "auto" or a number >= 0'),
     ({"tmi_alpha": float("nan")}, "prune.tmi_alpha must be a number >= 0"),
     ({"ticket_window": (70, 35)}, "prune.ticket_window must be two epochs"),
-    ({"ticket_step": 0}, "prune.ticket_step must be an integer >= 1"),
+    ({"ticket_step": 0}, "prune.ticket_step must be a whole number of at least 1"),
     ({"tmi_schemes": []}, "prune.tmi_schemes must list distinct schemes"),
     ({"tmi_schemes": ["kpca", "umap"]}, "prune.tmi_schemes entry must be one of"),
     ({"trace_level": "all"}, "prune.trace_level must be one of decisions, full"),

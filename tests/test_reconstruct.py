@@ -14,7 +14,8 @@ from engine.cifar_vgg import CifarVGG16
 from engine.errors import ConfigError, PlanError
 from engine.layers import discover_layers
 from engine.metrics import count_cost
-from engine.normalization import PRESETS, with_normalization
+from engine.normalization import PRESETS
+from engine.normalize_layer import with_normalization
 from engine.plan import LayerPlan, PrunePlan, SkippedLayer
 from engine.reconstruct import (
     AUTO_MARGIN,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tmi import (SCHEMES, balance_clusters, cluster_filters, dbscan_near_count, equal_size_kmeans,
-                        gap_statistics, rank_schemes, score_tickets, tally_votes, tmi_filter_scores, tmi_grouping)
+from engine.prune_config import SCHEMES
+from engine.tmi import (balance_clusters, cluster_filters, dbscan_near_count, equal_size_kmeans, gap_statistics,
+                        rank_schemes, score_tickets, tally_votes, tmi_filter_scores, tmi_grouping)
 from engine.traces import Clustering, TmiTicket, TmiVote, Tracer
 
 

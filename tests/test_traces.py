@@ -13,7 +13,8 @@ import torch
 from scipy.stats import rankdata
 
 from engine.cifar_resnet import CifarResNet
-from engine.pruning import PruneConfig, plan_pruning
+from engine.prune_config import PruneConfig
+from engine.pruning import plan_pruning
 from engine.traces import (EVENT_TYPES, BeamCandidate, BeamCut, BeamFinal, Clustering, FinalChoice, LayerDone,
                            LayerSkipped, LayerStart, SnakeDeal, StartResults, TmiTicket, TmiVote, TraceError,
                            TraceEvent, read_jsonl, write_jsonl)

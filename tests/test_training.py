@@ -19,13 +19,12 @@ from engine.attacks import AttackResult, RobustnessReport, parse_attack
 from engine.data import load_data
 from engine.distributed import DistContext
 from engine.errors import CheckpointError, ConfigError
-from engine.normalization import with_normalization
+from engine.finetune_config import FinetuneConfig, metric_filename
+from engine.normalize_layer import with_normalization
 from engine.progress import Progress
 from engine.training import (
-    FinetuneConfig,
     finetune,
     fgsm_random_start,
-    metric_filename,
     sharpness_perturbation,
 )
 

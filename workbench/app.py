@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import work
 from textual.app import App
@@ -23,7 +23,6 @@ from engine.config import RunConfig
 from engine.errors import Cancelled, ConfigError, WorkbenchError
 from engine.normalization import Normalization
 
-from . import tasks
 from .commands import WorkbenchCommands
 from .jobs import CANCELLED, DONE, FAILED, Job, JobDone, JobFailed, JobProgressed, ProgressRelay
 from .keys import APP_BINDINGS, bindings_markdown
@@ -36,6 +35,9 @@ from .screens.normalization import NormalizationScreen
 from .screens.overview import OverviewScreen
 from .screens.prune import PruneScreen
 from .session import FINETUNED, PRUNED_MODEL, Session
+
+if TYPE_CHECKING:
+    from . import tasks
 
 UNKNOWN_NORMALIZATION = "unknown"  # how open_workspace's normalisation source starts when guessed
 
@@ -83,7 +85,7 @@ class WorkbenchApp(App[int]):
     def on_ready(self) -> None:
         """The first frame is on screen: only now start the worker that opens the model, so it
         does not compete with that first paint for the interpreter."""
-        self.start_job("open", f"open {self.checkpoint_label}", partial(tasks.open_model, self.config))
+        self.start_job("open", f"open {self.checkpoint_label}", "open_model", self.config)
 
     def changed(self) -> None:
         """Tell every screen the session changed."""
@@ -112,21 +114,26 @@ class WorkbenchApp(App[int]):
 
     # ---- jobs ---------------------------------------------------------------------------
 
-    def start_job(self, kind: str, label: str, task: tasks.Task) -> Job | None:
-        """Run `task(progress, cancel)` in a worker thread, one job of a kind at a time."""
+    def start_job(self, kind: str, label: str, task: str, *args: Any) -> Job | None:
+        """Run `tasks.<task>(*args, progress, cancel)` in a worker thread, one job of a kind at a
+        time."""
         if any(job.active and job.kind == kind for job in self.jobs):
             self.notify(f"A {kind} job is already running; cancel it first (ctrl+g).", severity="warning")
             return None
         job = Job(len(self.jobs) + 1, kind, label)
         self.jobs.append(job)
         self.jobs_revision += 1
-        self._run_job(job, task)
+        self._run_job(job, task, args)
         return job
 
     @work(thread=True, exit_on_error=False)
-    def _run_job(self, job: Job, task: tasks.Task) -> None:
+    def _run_job(self, job: Job, task: str, args: tuple[Any, ...]) -> None:
         try:
-            result = task(ProgressRelay(job.id, self.post_message), job.cancel)
+            # Imported here, in the worker: the engine loads torch, which would hold the main
+            # thread for seconds before the first screen.
+            from . import tasks
+
+            result = getattr(tasks, task)(*args, ProgressRelay(job.id, self.post_message), job.cancel)
         except Cancelled:
             self.post_message(JobFailed(job.id, "cancelled", cancelled=True))
         except WorkbenchError as exc:
@@ -207,7 +214,7 @@ class WorkbenchApp(App[int]):
         self.changed()
         job_ws = dataclasses.replace(ws, config=config)
         label = f"prune {config.prune.method} rate {config.prune.rate:g} groups {config.prune.groups}"
-        self.start_job("prune", label, partial(tasks.prune_model, job_ws))
+        self.start_job("prune", label, "prune_model", job_ws)
 
     def _pruned(self, job: Job, result: tasks.Pruned) -> None:
         outcome = result.outcome
@@ -234,7 +241,7 @@ class WorkbenchApp(App[int]):
             return
         path = Path(path_text.strip()).expanduser()
         events = list(self.session.events)
-        self.start_job("save", f"save {path.name}", partial(tasks.save_pruned, ws, outcome, events, path))
+        self.start_job("save", f"save {path.name}", "save_pruned", ws, outcome, events, path)
 
     def _saved(self, job: Job, paths: list[Path]) -> None:
         self.notify("Wrote " + ", ".join(str(p) for p in paths), title="Saved")
@@ -278,8 +285,8 @@ class WorkbenchApp(App[int]):
             else next(iter(session.models().items()))
         )
         job_ws = dataclasses.replace(ws, config=config)
-        task = partial(tasks.finetune_copy, job_ws, base, session.plan, out_dir)
-        if self.start_job("finetune", f"fine-tune {base_label} ({mode}, {epochs} epochs)", task) is not None:
+        label = f"fine-tune {base_label} ({mode}, {epochs} epochs)"
+        if self.start_job("finetune", label, "finetune_copy", job_ws, base, session.plan, out_dir) is not None:
             session.loss_curve.clear()
             session.epochs.clear()
 
@@ -302,7 +309,7 @@ class WorkbenchApp(App[int]):
             return
         models = self.session.models()
         labels = ", ".join(models)
-        self.start_job("evaluate", f"evaluate {labels}", partial(tasks.evaluate_models, ws, models))
+        self.start_job("evaluate", f"evaluate {labels}", "evaluate_models", ws, models)
 
     def _evaluated(self, job: Job, results: dict[str, Any]) -> None:
         self.session.evaluations.update(results)

@@ -1,25 +1,19 @@
-"""What the workbench screens show about an opened model, computed with the engine once (in a
-worker) and handed to the UI as plain data: the summary lines, the per-layer table rows and
-each conv's kernel-smoothness matrix."""
+"""What the workbench screens show about an opened model, as plain data: the summary lines, the
+per-layer table rows and each conv's kernel-smoothness matrix. `model_scan` computes it with the
+engine in a worker; this module stays free of torch so the first screen draws before torch loads."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
-
-from engine.layers import ConvLayer
-from engine.metrics import ModelCost, count_cost
-from engine.plan import PrunePlan
-from engine.reconstruct import GroupedKernelConv
-from engine.smoothness import kernel_smoothness
 
 if TYPE_CHECKING:
+    from engine.layers import ConvLayer
+    from engine.metrics import ModelCost
     from engine.pipeline import Workspace
+    from engine.plan import PrunePlan
 
 WILL_PRUNE, PRUNED, SKIPPED = "will prune", "pruned", "skipped"
 
@@ -54,54 +48,19 @@ class LayerRow:
 @dataclass
 class ModelInfo:
     """Everything computed when a model opens: its cost at the dataset's input size and, for
-    every conv, the C_out × C_in kernel-smoothness matrix of its dense weights (float32, for
+    every conv, its parameter count as it is now and its dense input channels (a pruned layer's
+    original C_in), the C_out × C_in kernel-smoothness matrix of its dense weights (float32, for
     drawing) and each filter's smoothness (float64, the values snaking sorts by)."""
 
     cost: ModelCost
+    params: dict[str, int] = field(default_factory=dict)
+    in_channels: dict[str, int] = field(default_factory=dict)
     smoothness: dict[str, np.ndarray] = field(default_factory=dict)
     filter_smoothness: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def dense_conv_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The (C_out, C_in, k, k) weight of conv `name`; a pruned layer is expanded to its dense
-    form with the pruned kernels zero."""
-    module = model.get_submodule(name)
-    if isinstance(module, GroupedKernelConv):
-        module = module.to_dense_conv()
-    return module.weight.detach()
-
-
-def conv_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def inspect_model(model: nn.Module, input_shape: tuple[int, ...], power: float) -> ModelInfo:
-    """Cost and smoothness matrices of every conv (depthwise and grouped convs excluded, whose
-    kernels do not form a C_out × C_in matrix)."""
-    start = time.perf_counter()
-    info = ModelInfo(count_cost(model, input_shape))
-    for name in conv_names(model):
-        module = model.get_submodule(name)
-        if isinstance(module, GroupedKernelConv) or module.groups == 1:  # type: ignore[union-attr]
-            heat = kernel_smoothness(dense_conv_weight(model, name), power)
-            info.smoothness[name] = heat.numpy().astype(np.float32)
-            # What engine.smoothness.filter_smoothness returns, without recomputing the matrix.
-            info.filter_smoothness[name] = heat.sum(dim=1).numpy()
-    info.seconds = time.perf_counter() - start
-    return info
-
-
-def _shape(model: nn.Module, layer: ConvLayer) -> tuple[int, int, tuple[int, int], int]:
-    """Dense shape and parameter count of a conv, pruned layers counted as they are now."""
-    module = model.get_submodule(layer.name)
-    params = sum(p.numel() for p in module.parameters(recurse=False))
-    in_channels = module.dense_in_channels if isinstance(module, GroupedKernelConv) else layer.in_channels
-    return layer.out_channels, in_channels, layer.kernel_size, params
-
-
 def layer_rows(
-    model: nn.Module,
     layers: list[ConvLayer],
     info: ModelInfo,
     plan: PrunePlan | None,
@@ -112,7 +71,6 @@ def layer_rows(
     skipped = {s.name: s.reason for s in plan.skipped} if plan is not None else {}
     rows: list[LayerRow] = []
     for layer in layers:
-        c_out, c_in, kernel, params = _shape(model, layer)
         matrix = info.smoothness.get(layer.name)
         mean = float(matrix.mean()) if matrix is not None and matrix.size else None
         macs = info.cost.layer_macs.get(layer.name)
@@ -126,7 +84,8 @@ def layer_rows(
             status, reason, ratio, kept = WILL_PRUNE, None, layer.achieved_ratio, layer.kept
         else:
             status, reason, ratio, kept = SKIPPED, layer.reason, None, None
-        rows.append(LayerRow(layer.name, c_out, c_in, kernel, params, macs, mean, status, reason, ratio, kept, after))
+        rows.append(LayerRow(layer.name, layer.out_channels, info.in_channels[layer.name], layer.kernel_size,
+                             info.params[layer.name], macs, mean, status, reason, ratio, kept, after))
     return rows
 
 

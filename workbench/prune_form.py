@@ -9,9 +9,7 @@ from typing import Any
 
 from engine.config import DEPLOY_FORMS, RunConfig
 from engine.errors import ConfigError
-from engine.layers import COMPAT_VALUES
-from engine.pruning import GROUPINGS, METHODS
-from engine.selection import SELECTIONS
+from engine.prune_config import COMPAT_VALUES, GROUPINGS, METHODS, SELECTIONS
 
 DEFAULT_CHOICE = ""  # a select's "use the method's own stage" entry
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.plan import PrunePlan
 from engine.traces import TraceEvent
 
 from .model_view import LayerRow, ModelInfo, layer_rows
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from engine.pipeline import Evaluation, PruneOutcome, Workspace
+    from engine.plan import PrunePlan
     from engine.training import EpochRecord, FinetuneResult
 
 UNPRUNED, PRUNED_MODEL, FINETUNED = "unpruned", "pruned", "fine-tuned"
@@ -46,7 +46,7 @@ class Session:
         if self.workspace is None or self.info is None:
             return []
         cost_after = None if self.outcome is None else self.outcome.cost_after
-        return layer_rows(self.workspace.model, self.workspace.layers(), self.info, self.plan, cost_after)
+        return layer_rows(self.workspace.layers(), self.info, self.plan, cost_after)
 
     def row(self, name: str) -> LayerRow | None:
         return next((r for r in self.rows() if r.name == name), None)

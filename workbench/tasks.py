@@ -1,16 +1,15 @@
 """What the workbench's background jobs run: plain functions of `(…, progress, cancel)` on the
 engine's pipeline, returning dataclasses the UI adopts when the job is done. They never touch
-the UI."""
+the UI, and the app imports this module only inside its workers, so torch loads off the main
+thread."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -24,9 +23,9 @@ from engine.traces import LayerDone, TraceEvent, read_jsonl, write_jsonl
 from engine.training import FinetuneResult
 from widgets.heatmap import style_table
 
-from .model_view import ModelInfo, inspect_model
+from .model_scan import inspect_model
+from .model_view import ModelInfo
 
-Task = Callable[[ProgressCallback, threading.Event], Any]
 TRACE_SUFFIX = ".decisions.jsonl"
 PLAN_SUFFIX = ".plan.json"
 BATCH_TRACE = "decisions.jsonl"  # what batch mode writes beside its pruned.pt
@@ -61,7 +60,7 @@ def open_model(config: RunConfig, progress: ProgressCallback, cancel: threading.
     ws = open_workspace(config)
     check_cancel(cancel)
     progress(Progress("open", 1, 2, "kernel smoothness and MACs"))
-    info = inspect_model(ws.model, ws.input_shape, config.prune.smoothness_power)
+    info = inspect_model(ws.model, ws.cost, config.prune.smoothness_power)
     style_table()  # the heatmap's colour styles, built here rather than on its first draw
     plan = ws.plan
     events = saved_trace(ws.checkpoint.path, plan) if plan is not None else []

@@ -17,7 +17,7 @@ from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Pr
                              TabPane)
 
 from engine.errors import ConfigError
-from engine.training import MODES
+from engine.finetune_config import MODES
 from widgets.bars import bar
 from widgets.plots import ComparisonBars, CurvePlot
 
