@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .devices import resolve_device
 from .errors import ConfigError
@@ -140,17 +141,35 @@ class GroupedKernelConv(nn.Conv2d):
             bias=self.bias is not None, padding_mode=self.padding_mode,
             device=self.weight.device, dtype=self.weight.dtype,
         )
-        rows, cols = self._kernel_index()
         with torch.no_grad():
-            dense.weight.zero_()
-            dense.weight[rows, cols] = self.weight.reshape(*rows.shape, *self.kernel_size)
+            dense.weight.copy_(self.dense_weight())
             if self.bias is not None:
-                dense.bias.copy_(self.bias[self.output_order])
+                dense.bias.copy_(self.dense_bias())
         if _is_channels_last(self.weight):
             dense.to(memory_format=torch.channels_last)
         return dense
 
+    def dense_weight(self) -> torch.Tensor:
+        """The `(C_out, dense C_in, kh, kw)` weight, pruned kernels zero; differentiable in `weight`."""
+        rows, cols = self._kernel_index()
+        dense = self.weight.new_zeros(self.out_channels, self.dense_in_channels, *self.kernel_size)
+        dense = dense.index_put((rows, cols), self.weight.reshape(*rows.shape, *self.kernel_size))
+        return dense.contiguous(memory_format=torch.channels_last) if _is_channels_last(self.weight) else dense
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[self.output_order]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # Same outputs and gradients as the grouped path below, but autograd through one dense
+            # conv runs several times faster than through the gather, grouped conv and permutation
+            # (6x per training step on the sample ResNet-20, CPU): training and gradient attacks
+            # cost what they cost unpruned, as in the papers' masked training.
+            weight, bias = self.dense_weight(), self.dense_bias()
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+                return F.conv2d(x, weight, bias, self.stride, 0, self.dilation)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
         y = self._conv_forward(_select_channels(x, self.input_index.view(-1)), self.weight, self.bias)
         return _select_channels(y, self.output_order)
 

@@ -232,7 +232,8 @@ def test_docs_key_bindings_match_the_app() -> None:
 
 
 async def test_main_flow(checkpoint: Path) -> None:
-    app = WorkbenchApp(make_config(checkpoint, **{"finetune.epochs": 1}))
+    # Far more epochs than could finish before the ctrl+g that follows "f" lands.
+    app = WorkbenchApp(make_config(checkpoint, **{"finetune.epochs": 1000}))
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         assert isinstance(app.screen, OverviewScreen)

@@ -401,6 +401,29 @@ def test_grouped_model_trains_without_regrowing_pruned_kernels() -> None:
     assert torch.count_nonzero(dense[~kept]) == 0
 
 
+
+def test_with_autograd_on_pruned_layers_give_the_masked_models_gradients() -> None:
+    """With autograd on, a pruned layer computes through its dense weight: the outputs equal the
+    grouped path's (inference) and the kept kernels and biases get the masked dense model's
+    gradients, through strides, dilation, reflect padding and biases (OddNet)."""
+    model = randomize_bn(OddNet())
+    plan = random_plan(model)
+    grouped, reference = apply_plan(model, plan, form="grouped").eval(), masked_dense(model, plan).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        inferred = grouped(x)
+    out = grouped(x)
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    assert out.grad_fn is not None and torch.allclose(out, inferred, atol=1e-5)
+    for layer in plan.layers:
+        pruned, dense = grouped.get_submodule(layer.name), reference.get_submodule(layer.name)
+        rows, cols = pruned._kernel_index()
+        assert torch.allclose(pruned.weight.grad, dense.weight.grad[rows, cols].reshape(pruned.weight.shape), atol=1e-5)
+        if pruned.bias is not None:
+            assert torch.allclose(pruned.bias.grad, dense.bias.grad[pruned.filter_order()], atol=1e-5)
+
+
 def test_works_inside_a_normalisation_wrapper() -> None:
     model = randomize_bn(CifarResNet(20))
     plan = random_plan(model)
