@@ -11,9 +11,10 @@ Quick (default): 3 seeds × 6 epochs. Full: 5 seeds × 20 epochs. The seed drive
 clustering, random groupings) and fine-tuning (order, augmentation); the data split and attack
 randomness stay at seed 0, the split the sample model was trained on, so every model is tested
 on the same 359 unseen digits. Each (method, seed) runs in a worker process with one torch
-thread. GKP models are fine-tuned in their zero-masked dense form, whose pruned kernels get
-zero gradient and so stay exactly zero: the same function and the same training as the grouped
-form (checked after training against the grouped rebuild), at the speed of a dense conv.
+thread. GKP models are fine-tuned and evaluated in their zero-masked dense form, whose pruned
+kernels get zero gradient and so stay exactly zero: the same function and the same training as
+the grouped form (checked after training against the grouped rebuild), with inference at the
+speed of a dense conv.
 Results go to bench/results/study.json; `--docs` also writes docs/study/ and the table in
 docs/STUDY.md."""
 
