@@ -398,6 +398,10 @@ async def test_save_writes_model_plan_and_trace(tmp_path: Path, checkpoint: Path
         await settle(reopened, pilot)
         rows = reopened.session.rows()
         assert sum(r.status == "pruned" for r in rows) == 18
+        row = next(r for r in rows if r.name == "layer3.0.conv2")  # dense shape, grouped size
+        assert (row.out_channels, row.in_channels) == (64, 64) and row.params == 64 * row.kept * 9
+        heat = reopened.session.info.smoothness[row.name]  # type: ignore[union-attr]
+        assert heat.shape == (64, 64) and int((heat == 0).sum()) == 64 * (64 - row.kept)  # type: ignore[operator]
         assert reopened.session.events  # the saved trace comes back with the checkpoint
         reopened.open_decisions("layer3.0.conv2")
         await pilot.pause()

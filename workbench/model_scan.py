@@ -20,9 +20,8 @@ def dense_conv_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The (C_out, C_in, k, k) weight of conv `name`; a pruned layer is expanded to its dense
     form with the pruned kernels zero."""
     module = model.get_submodule(name)
-    if isinstance(module, GroupedKernelConv):
-        module = module.to_dense_conv()
-    return module.weight.detach()
+    weight = module.dense_weight() if isinstance(module, GroupedKernelConv) else module.weight
+    return weight.detach()
 
 
 def conv_names(model: nn.Module) -> list[str]:
