@@ -31,7 +31,7 @@ from .plan import PrunePlan
 from .probes import CorruptionReport, FrequencyReport, corruption_probe, frequency_probe
 from .progress import ProgressCallback, check_cancel
 from .pruning import plan_pruning
-from .reconstruct import apply_plan, deploy_summary, equivalence_error, masked_dense
+from .reconstruct import apply_plan, deploy_summary, dense_equivalent, equivalence_error, masked_dense
 from .snapshots import load_snapshots
 from .traces import TraceEvent
 from .training import FinetuneResult, finetune
@@ -263,9 +263,11 @@ def evaluate(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> Evaluation:
-    """Attack suite and probes on the test split, on the same examples. Under torchrun the
-    attacks are sharded over the processes and the probes run on rank 0 only."""
+    """Attack suite and probes on the test split, on the same examples, run on the dense
+    equivalent of a pruned model. Under torchrun the attacks are sharded over the processes and
+    the probes run on rank 0 only."""
     cfg = ws.config.evaluate
+    model = dense_equivalent(model)
     common = dict(
         device=str(ws.device), batch_size=cfg.batch_size, progress=progress, cancel=cancel,
     )

@@ -218,6 +218,19 @@ def masked_dense(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return masked
 
 
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every pruned layer in its dense form (pruned kernels zero), or
+    `model` itself when none is pruned: the same function for measuring accuracy, at the unpruned
+    model's speed (narrow grouped layers infer several times slower on a CPU)."""
+    pruned = [name for name, module in model.named_modules() if isinstance(module, GroupedKernelConv)]
+    if not pruned:
+        return model
+    dense = copy.deepcopy(model)
+    for name in pruned:
+        _replace(dense, name, dense.get_submodule(name).to_dense_conv())
+    return dense
+
+
 def _input_shapes(
     model: nn.Module, names: Iterable[str], example_input: torch.Tensor
 ) -> dict[str, tuple[torch.Size, bool]]:

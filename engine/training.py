@@ -34,6 +34,7 @@ from .finetune_config import FinetuneConfig, metric_filename
 from .normalization import Normalization
 from .normalize_layer import with_normalization
 from .progress import Progress, ProgressCallback, check_cancel, report
+from .reconstruct import dense_equivalent
 
 CROP_PAD = 4
 STATE_FILE = "last.pt"
@@ -347,13 +348,14 @@ class _Run:
         ))
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Validation accuracy, benign and under each tracked attack, sharded over processes."""
+        """Validation accuracy, benign and under each tracked attack, sharded over processes (a
+        pruned model is measured in its dense equivalent, which infers faster)."""
         report(self.progress, Progress(
             "finetune", epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
             f"epoch {epoch}/{self.config.epochs}: evaluating on the validation split", {"epoch": epoch},
         ))
         result = evaluate_sharded(
-            self.model, self.norm, self.data.val, self.specs, ctx=self.ctx,
+            dense_equivalent(self.model), self.norm, self.data.val, self.specs, ctx=self.ctx,
             max_examples=self.config.eval_max_examples, device=str(self.ctx.device),
             seed=self.config.seed, cancel=self.cancel,
         )

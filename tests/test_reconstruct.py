@@ -22,6 +22,7 @@ from engine.reconstruct import (
     GUARD_ROUNDS,
     GroupedKernelConv,
     apply_plan,
+    dense_equivalent,
     deploy_summary,
     equivalence_error,
     install_plan_structure,
@@ -422,6 +423,17 @@ def test_with_autograd_on_pruned_layers_give_the_masked_models_gradients() -> No
         assert torch.allclose(pruned.weight.grad, dense.weight.grad[rows, cols].reshape(pruned.weight.shape), atol=1e-5)
         if pruned.bias is not None:
             assert torch.allclose(pruned.bias.grad, dense.bias.grad[pruned.filter_order()], atol=1e-5)
+
+
+
+def test_dense_equivalent_is_a_dense_copy_of_a_pruned_model_only() -> None:
+    model = randomize_bn(OddNet())
+    assert dense_equivalent(model) is model
+    grouped = apply_plan(model, random_plan(model))
+    dense = dense_equivalent(grouped)
+    assert not any(isinstance(m, GroupedKernelConv) for m in dense.modules())
+    assert sum(isinstance(m, GroupedKernelConv) for m in grouped.modules()) == 3  # the original is untouched
+    _close(dense, grouped, torch.randn(2, 3, 16, 16))
 
 
 def test_works_inside_a_normalisation_wrapper() -> None:
