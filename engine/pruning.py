@@ -1,6 +1,6 @@
-"""The pruning orchestrator: plan_pruning runs
-Stage 1 (filter grouping) and Stage 2 (grouped-kernel selection) on every eligible conv and
-returns the PrunePlan, streaming decision-trace events as it goes."""
+"""The pruning orchestrator: plan_pruning runs Stage 1 (filter grouping) and Stage 2
+(grouped-kernel selection) on every eligible conv and returns the PrunePlan, streaming
+decision-trace events as it goes. Its settings are `prune_config.PruneConfig`."""
 
 from __future__ import annotations
 
