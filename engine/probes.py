@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .batch_eval import (
+    BatchTotals,
     count_correct,
     derive_seed,
     evaluation_mode,
@@ -102,6 +104,26 @@ def _check_thresholds(thresholds: Sequence[float], height: int, width: int) -> l
     return [float(t) for t in values]
 
 
+ProbeScore = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, int]]
+
+
+def _probe_totals(
+    model: nn.Module, normalization: Normalization, dataset: object, dev: torch.device, score: ProbeScore,
+    stage: str, *, batch_size: int, max_examples: int | None, progress: ProgressCallback | None,
+    cancel: threading.Event | None,
+) -> BatchTotals:
+    """Correct counts of `score(net, images, labels, batch_index)` over `dataset`, where `net` is
+    the model behind its normalisation, in eval mode on `dev` (the model's mode is restored)."""
+    image = first_image(dataset)
+    with evaluation_mode(model, dev):
+        net = with_normalization(model, normalization.for_channels(image.shape[0])).to(dev).eval()
+        output_classes(net, image[None].to(dev))
+        return run_batches(
+            dataset, partial(score, net), batch_size=batch_size, device=dev, max_examples=max_examples,
+            stage=stage, progress=progress, cancel=cancel,
+        )
+
+
 def frequency_probe(
     model: nn.Module,
     normalization: Normalization,
@@ -128,22 +150,17 @@ def frequency_probe(
     height, width = image.shape[-2:]
     thetas = _check_thresholds(thresholds, height, width)
     started = time.perf_counter()
-    with evaluation_mode(model, dev):
-        net = with_normalization(model, normalization.for_channels(image.shape[0])).to(dev).eval()
-        output_classes(net, image[None].to(dev))
 
-        def score(images: torch.Tensor, labels: torch.Tensor, _: int) -> dict[str, int]:
-            counts = {"clean": count_correct(net, images, labels)}
-            for theta in thetas:
-                low, high = frequency_split(images, theta)
-                counts[f"low@{theta:g}"] = count_correct(net, low, labels)
-                counts[f"high@{theta:g}"] = count_correct(net, high, labels)
-            return counts
+    def score(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, _: int) -> dict[str, int]:
+        counts = {"clean": count_correct(net, images, labels)}
+        for theta in thetas:
+            low, high = frequency_split(images, theta)
+            counts[f"low@{theta:g}"] = count_correct(net, low, labels)
+            counts[f"high@{theta:g}"] = count_correct(net, high, labels)
+        return counts
 
-        totals = run_batches(
-            dataset, score, batch_size=batch_size, device=dev, max_examples=max_examples,
-            stage="frequency-probe", progress=progress, cancel=cancel,
-        )
+    totals = _probe_totals(model, normalization, dataset, dev, score, "frequency-probe",
+                           batch_size=batch_size, max_examples=max_examples, progress=progress, cancel=cancel)
     n = totals.n
     rows = []
     for theta in thetas:
@@ -400,28 +417,22 @@ def corruption_probe(
     if not levels or any(s not in DEFAULT_SEVERITIES for s in levels):
         raise ConfigError(f"corruption severities must be chosen from 1 to 5, got {levels!r}")
     dev = resolve_device(device)
-    image = first_image(dataset)
     started = time.perf_counter()
     order = list(CORRUPTIONS)
-    with evaluation_mode(model, dev):
-        net = with_normalization(model, normalization.for_channels(image.shape[0])).to(dev).eval()
-        output_classes(net, image[None].to(dev))
 
-        def score(images: torch.Tensor, labels: torch.Tensor, index: int) -> dict[str, int]:
-            counts = {"clean": count_correct(net, images, labels)}
-            cpu = images.cpu()
-            for name in names:
-                for severity in levels:
-                    stream = derive_seed(seed, order.index(name), index)
-                    generator = torch.Generator().manual_seed(stream)
-                    corrupted = corrupt(cpu, name, severity, generator).to(dev)
-                    counts[f"{name}@{severity}"] = count_correct(net, corrupted, labels)
-            return counts
+    def score(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: int) -> dict[str, int]:
+        counts = {"clean": count_correct(net, images, labels)}
+        cpu = images.cpu()
+        for name in names:
+            for severity in levels:
+                stream = derive_seed(seed, order.index(name), index)
+                generator = torch.Generator().manual_seed(stream)
+                corrupted = corrupt(cpu, name, severity, generator).to(dev)
+                counts[f"{name}@{severity}"] = count_correct(net, corrupted, labels)
+        return counts
 
-        totals = run_batches(
-            dataset, score, batch_size=batch_size, device=dev, max_examples=max_examples,
-            stage="corruption-probe", progress=progress, cancel=cancel,
-        )
+    totals = _probe_totals(model, normalization, dataset, dev, score, "corruption-probe",
+                           batch_size=batch_size, max_examples=max_examples, progress=progress, cancel=cancel)
     n = totals.n
     results = [
         CorruptionResult(name, severity, correct, correct / n)
