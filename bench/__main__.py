@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from engine.fileio import write_json_atomic
+from engine.common.fileio import write_json_atomic
 
 from . import attack_throughput, deploy_latency, prune_speed, study
 

@@ -1,4 +1,4 @@
-"""Attack-evaluation throughput: test images per second that `engine.attacks.evaluate_robustness`
+"""Attack-evaluation throughput: test images per second that `engine.robustness.attacks.evaluate_robustness`
 gets through for clean accuracy alone, FGSM, PGD-3 and the default suite (FGSM 0.01, FGSM 0.1,
 PGD-3 8/255), on a CIFAR ResNet-20 at 32 px, on the CPU and on the GPU when there is one.
 
@@ -19,12 +19,17 @@ from typing import Any
 
 import torch
 
-from engine.attacks import AttackSpec, default_suite, evaluate_robustness, parse_attack
-from engine.cifar_resnet import CifarResNet
-from engine.data import ImageTensorDataset
-from engine.devices import resolve_device
-from engine.fileio import write_json_atomic
-from engine.normalization import PRESETS
+from engine.common.devices import resolve_device
+from engine.common.fileio import write_json_atomic
+from engine.data.datasets import ImageTensorDataset
+from engine.models.cifar_resnet import CifarResNet
+from engine.models.normalization import PRESETS
+from engine.robustness.attacks import (
+    AttackSpec,
+    default_suite,
+    evaluate_robustness,
+    parse_attack,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attack_throughput.json"
 SUITES: dict[str, list[AttackSpec]] = {

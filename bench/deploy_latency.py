@@ -24,14 +24,14 @@ import torch
 import torchvision
 from torch import nn
 
-from engine.cifar_resnet import CifarResNet
-from engine.devices import resolve_device
-from engine.fileio import write_json_atomic
-from engine.latency import measure_latency
-from engine.metrics import count_cost
-from engine.prune_config import PruneConfig
-from engine.pruning import plan_pruning
-from engine.reconstruct import apply_plan, deploy_summary
+from engine.common.devices import resolve_device
+from engine.common.fileio import write_json_atomic
+from engine.gkp.planner import plan_pruning
+from engine.gkp.prune_config import PruneConfig
+from engine.gkp.reconstruct import apply_plan, deploy_summary
+from engine.models.cifar_resnet import CifarResNet
+from engine.models.latency import measure_latency
+from engine.models.metrics import count_cost
 
 FORMS = ("original", "grouped", "dense", "auto")
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from engine.cifar_resnet import CifarResNet
-from engine.fileio import write_json_atomic
-from engine.prune_config import PruneConfig
-from engine.pruning import plan_pruning
-from engine.traces import TraceEvent, event_line
+from engine.common.fileio import write_json_atomic
+from engine.gkp.planner import plan_pruning
+from engine.gkp.prune_config import PruneConfig
+from engine.gkp.traces import TraceEvent, event_line
+from engine.models.cifar_resnet import CifarResNet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_speed.json"
 TARGETS = {"sr-gkp:resnet56": 5.0, "tmi-gkp:resnet20": 60.0, "sr-gkp:resnet50": 60.0}

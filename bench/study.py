@@ -39,13 +39,14 @@ import torch
 from torch import nn
 
 from engine import pipeline
+from engine.baselines.filter_pruning import match_macs
+from engine.common.fileio import write_json_atomic, write_text_atomic
 from engine.config import RunConfig
-from engine.fileio import write_json_atomic, write_text_atomic
-from engine.filter_pruning import match_macs
-from engine.metrics import count_cost
-from engine.plan import PrunePlan
-from engine.reconstruct import apply_plan, equivalence_error, masked_dense
-from engine.finetune_config import MODES
+from engine.gkp.plan import PrunePlan
+from engine.gkp.reconstruct import apply_plan, equivalence_error, masked_dense
+from engine.models.metrics import count_cost
+from engine.training.finetune_config import MODES
+from sample_models import use_sample_when_unset
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "study.json"
@@ -114,6 +115,7 @@ def study_config(seed: int, epochs: int, device: str, mode: str = "standard") ->
     the fine-tuning mode, the probe thresholds and the deployed form (grouped: the study times
     nothing)."""
     config = RunConfig()
+    use_sample_when_unset(config)
     config.run.seed = DATA_SEED
     config.run.device = device
     config.prune.seed = seed

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.architectures import ArchSpec
-from engine.checkpoints import save_checkpoint
-from engine.cifar_resnet import CifarResNet
-from engine.fileio import write_json_atomic
-from engine.normalization import Normalization
-from engine.smoothness import kernel_smoothness
+from engine.common.fileio import write_json_atomic
+from engine.formats.checkpoints import save_checkpoint
+from engine.gkp.smoothness import kernel_smoothness
+from engine.models.architectures import ArchSpec
+from engine.models.cifar_resnet import CifarResNet
+from engine.models.normalization import Normalization
 from sample_models import SAMPLE_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tui_responsiveness.json"

@@ -12,11 +12,11 @@ from typing import Any
 
 import tomli_w
 
-from .attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
-from .errors import ConfigError
-from .fileio import write_text_atomic
-from .finetune_config import FinetuneConfig
-from .prune_config import PruneConfig
+from .common.errors import ConfigError
+from .common.fileio import write_text_atomic
+from .gkp.prune_config import PruneConfig
+from .robustness.attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
+from .training.finetune_config import FinetuneConfig
 
 STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
 DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
@@ -24,7 +24,8 @@ DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
 
 @dataclass
 class ModelSection:
-    """Which checkpoint to open and how to read it; no checkpoint means the bundled sample."""
+    """Which checkpoint to open and how to read it; the front ends fill in the bundled sample when
+    none is given."""
 
     checkpoint: str = ""
     arch: str = ""

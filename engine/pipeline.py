@@ -14,27 +14,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from sample_models import SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
-
-from .attacks import RobustnessReport, parse_attack
-from .checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .common.distributed import DistContext
+from .common.errors import ConfigError, SnapshotError
+from .common.progress import ProgressCallback, check_cancel
 from .config import RunConfig
-from .data import DataBundle, load_data
-from .distributed import DistContext, evaluate_sharded
-from .errors import ConfigError, SnapshotError
-from .latency import compare_latency
-from .layers import ConvLayer, discover_layers
-from .metrics import ModelCost, count_cost
-from .normalization import Normalization, parse_normalization
-from .normalize_layer import Normalize
-from .plan import PrunePlan
-from .probes import CorruptionReport, FrequencyReport, corruption_probe, frequency_probe
-from .progress import ProgressCallback, check_cancel
-from .pruning import plan_pruning
-from .reconstruct import apply_plan, deploy_summary, dense_equivalent, equivalence_error, masked_dense
-from .snapshots import load_snapshots
-from .traces import TraceEvent
-from .training import FinetuneResult, finetune
+from .data.datasets import DataBundle, load_data
+from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .formats.snapshots import load_snapshots
+from .gkp.layers import ConvLayer, discover_layers
+from .gkp.plan import PrunePlan
+from .gkp.planner import plan_pruning
+from .gkp.reconstruct import (
+    apply_plan,
+    dense_equivalent,
+    deploy_summary,
+    equivalence_error,
+    masked_dense,
+)
+from .gkp.traces import TraceEvent
+from .models.latency import compare_latency
+from .models.metrics import ModelCost, count_cost
+from .models.normalization import Normalization, parse_normalization
+from .models.normalize_layer import Normalize
+from .robustness.attacks import RobustnessReport, parse_attack
+from .robustness.probes import (
+    CorruptionReport,
+    FrequencyReport,
+    corruption_probe,
+    frequency_probe,
+)
+from .robustness.sharded import evaluate_sharded
+from .training.finetune import FinetuneResult, finetune
 
 
 @dataclass
@@ -47,7 +57,6 @@ class Workspace:
     normalization_source: str
     data: DataBundle
     device: torch.device
-    is_sample: bool
     ctx: DistContext = field(default_factory=DistContext)
 
     @property
@@ -83,10 +92,11 @@ class Workspace:
 
 
 def open_workspace(config: RunConfig) -> Workspace:
-    """Load the checkpoint (or the bundled sample), its normalisation and the dataset."""
+    """Load the configured checkpoint, its normalisation and the dataset."""
     config.validate()
-    path = Path(config.model.checkpoint) if config.model.checkpoint else SAMPLE_CHECKPOINT
-    is_sample = not config.model.checkpoint
+    if not config.model.checkpoint:
+        raise ConfigError("no checkpoint to open: set model.checkpoint")
+    path = Path(config.model.checkpoint)
     override = parse_normalization(config.model.normalize) if config.model.normalize else None
     checkpoint = load_checkpoint(
         path, arch=config.model.arch or None, normalization=override,
@@ -110,7 +120,7 @@ def open_workspace(config: RunConfig) -> Workspace:
         norm, source = data.normalization, "unknown: the dataset's own statistics are used"
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
-    return Workspace(config, checkpoint, norm, source, data, ctx.device, is_sample, ctx)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -128,12 +138,10 @@ def check_prunable(ws: Workspace) -> None:
 
 
 def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
-    """Training snapshots of the ticket window for TMI-GKP: the configured folder, or the
-    bundled archive for the sample model."""
+    """Training snapshots of the ticket window for TMI-GKP, from the configured folder or
+    archive."""
     if ws.config.model.snapshots:
         source = Path(ws.config.model.snapshots)
-    elif ws.is_sample:
-        source = SAMPLE_SNAPSHOTS
     else:
         raise SnapshotError(
             "TMI-GKP needs training snapshots of the ticket window: pass --snapshots DIR "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .metrics import MAC_COUNTER
+from .models.metrics import MAC_COUNTER
 
 if TYPE_CHECKING:
     from .pipeline import Workspace

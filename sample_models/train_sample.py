@@ -14,16 +14,16 @@ import time
 import torch
 from torch import nn
 
-from engine.architectures import ArchSpec
-from engine.attacks import evaluate_robustness
-from engine.checkpoints import save_checkpoint
-from engine.cifar_resnet import CifarResNet
-from engine.data import load_data
-from engine.fileio import write_json_atomic
-from engine.progress import Progress
-from engine.snapshots import save_snapshot_archive
-from engine.finetune_config import FinetuneConfig
-from engine.training import finetune
+from engine.common.fileio import write_json_atomic
+from engine.common.progress import Progress
+from engine.data.datasets import load_data
+from engine.formats.checkpoints import save_checkpoint
+from engine.formats.snapshots import save_snapshot_archive
+from engine.models.architectures import ArchSpec
+from engine.models.cifar_resnet import CifarResNet
+from engine.robustness.attacks import evaluate_robustness
+from engine.training.finetune import finetune
+from engine.training.finetune_config import FinetuneConfig
 
 from . import HERE, SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
 

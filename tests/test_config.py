@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.attacks import parse_attack
+from engine.common.errors import ConfigError
 from engine.config import RunConfig
-from engine.errors import ConfigError
+from engine.robustness.attacks import parse_attack
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example-run.toml"
 

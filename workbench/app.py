@@ -19,12 +19,22 @@ from textual import work
 from textual.app import App
 from textual.reactive import reactive
 
+from engine.common.errors import Cancelled, ConfigError, WorkbenchError
 from engine.config import RunConfig
-from engine.errors import Cancelled, ConfigError, WorkbenchError
-from engine.normalization import Normalization
+from engine.models.normalization import Normalization
+from sample_models import use_sample_when_unset
 
 from .commands import WorkbenchCommands
-from .jobs import CANCELLED, DONE, FAILED, Job, JobDone, JobFailed, JobProgressed, ProgressRelay
+from .jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    Job,
+    JobDone,
+    JobFailed,
+    JobProgressed,
+    ProgressRelay,
+)
 from .keys import APP_BINDINGS, bindings_markdown
 from .model_view import summary_lines
 from .screens.decisions import DecisionScreen
@@ -392,6 +402,7 @@ def build_config(config_path: Path | None, overrides: dict[str, Any]) -> RunConf
     config = RunConfig.load(config_path) if config_path else RunConfig()
     for key, value in overrides.items():
         config.set(key, value)
+    use_sample_when_unset(config)
     config.validate()
     return config
 

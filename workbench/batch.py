@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine import pipeline
-from engine.checkpoints import load_checkpoint
+from engine.common.errors import Cancelled, ConfigError, WorkbenchError
+from engine.common.fileio import AtomicJsonLines, write_json_atomic
+from engine.common.progress import Progress
 from engine.config import RunConfig
-from engine.errors import Cancelled, ConfigError, WorkbenchError
-from engine.fileio import AtomicJsonLines, write_json_atomic
-from engine.progress import Progress
+from engine.formats.checkpoints import load_checkpoint
 from engine.report import build_report
+from sample_models import is_sample, use_sample_when_unset
 
-from .cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
+from .exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
@@ -225,8 +226,9 @@ def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tu
     config = RunConfig.load(args.config) if args.config else RunConfig()
     for key, value in overrides.items():
         config.set(key, value)
+    use_sample_when_unset(config)
     config.validate()
-    name = Path(config.model.checkpoint).stem if config.model.checkpoint else "sample"
+    name = "sample" if is_sample(config.model.checkpoint) else Path(config.model.checkpoint).stem
     return config, args.out or Path("runs") / name, False
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.errors import WorkbenchError
+from engine.common.errors import WorkbenchError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .exit_codes import EXIT_BAD_INPUT
 
 
 class _Parser(argparse.ArgumentParser):

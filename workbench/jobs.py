@@ -11,7 +11,7 @@ from typing import Any
 
 from textual.message import Message
 
-from engine.progress import Progress
+from engine.common.progress import Progress
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 RELAY_INTERVAL = 0.1  # seconds between progress posts; epoch ends and stage ends always go through

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.metrics import ModelCost
-from engine.reconstruct import GroupedKernelConv
-from engine.smoothness import kernel_smoothness
+from engine.gkp.reconstruct import GroupedKernelConv
+from engine.gkp.smoothness import kernel_smoothness
+from engine.models.metrics import ModelCost
 
 from .model_view import ModelInfo
 
@@ -41,7 +41,7 @@ def inspect_model(model: nn.Module, cost: ModelCost, power: float) -> ModelInfo:
         if isinstance(module, GroupedKernelConv) or module.groups == 1:  # type: ignore[union-attr]
             heat = kernel_smoothness(dense_conv_weight(model, name), power)
             info.smoothness[name] = heat.numpy().astype(np.float32)
-            # What engine.smoothness.filter_smoothness returns, without recomputing the matrix.
+            # What engine.gkp.smoothness.filter_smoothness returns, without recomputing the matrix.
             info.filter_smoothness[name] = heat.sum(dim=1).numpy()
     info.seconds = time.perf_counter() - start
     return info

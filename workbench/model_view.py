@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sample_models import is_sample
+
 if TYPE_CHECKING:
-    from engine.layers import ConvLayer
-    from engine.metrics import ModelCost
+    from engine.gkp.layers import ConvLayer
+    from engine.gkp.plan import PrunePlan
+    from engine.models.metrics import ModelCost
     from engine.pipeline import Workspace
-    from engine.plan import PrunePlan
 
 WILL_PRUNE, PRUNED, SKIPPED = "will prune", "pruned", "skipped"
 
@@ -105,7 +107,7 @@ def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> lis
     sizes = "/".join(str(len(s)) for s in (data.train, data.val, data.test))  # type: ignore[arg-type]
     counts = {status: sum(r.status == status for r in rows) for status in (WILL_PRUNE, PRUNED, SKIPPED)}
     layers = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
-    source = "bundled sample" if ws.is_sample else checkpoint.source_format
+    source = "bundled sample" if is_sample(checkpoint.path) else checkpoint.source_format
     pruned = ", pruned checkpoint" if checkpoint.plan else ""
     return [
         ("Model", checkpoint.arch.describe()),

@@ -7,9 +7,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from engine.common.errors import ConfigError
 from engine.config import DEPLOY_FORMS, RunConfig
-from engine.errors import ConfigError
-from engine.prune_config import COMPAT_VALUES, GROUPINGS, METHODS, SELECTIONS
+from engine.gkp.prune_config import COMPAT_VALUES, GROUPINGS, METHODS, SELECTIONS
 
 DEFAULT_CHOICE = ""  # a select's "use the method's own stage" entry
 

@@ -1,4 +1,4 @@
-"""Replay of one layer's decision trace (engine.traces) as a sequence of steps a person can walk
+"""Replay of one layer's decision trace (engine.gkp.traces) as a sequence of steps a person can walk
 through: each step is one decision (a snaking deal, a clustering, a ticket's vote, a beam cut,
 a restart table, a final choice) rendered as a plain `Frame` for the stepper widget."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.traces import (
+from engine.gkp.traces import (
     BeamCut,
     BeamFinal,
     Clustering,

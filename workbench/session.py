@@ -6,16 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.traces import TraceEvent
+from engine.gkp.traces import TraceEvent
 
 from .model_view import LayerRow, ModelInfo, layer_rows
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from engine.gkp.plan import PrunePlan
     from engine.pipeline import Evaluation, PruneOutcome, Workspace
-    from engine.plan import PrunePlan
-    from engine.training import EpochRecord, FinetuneResult
+    from engine.training.finetune import EpochRecord, FinetuneResult
 
 UNPRUNED, PRUNED_MODEL, FINETUNED = "unpruned", "pruned", "fine-tuned"
 

@@ -13,14 +13,22 @@ from pathlib import Path
 
 from torch import nn
 
+from engine.common.errors import WorkbenchError
+from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
-from engine.errors import WorkbenchError
-from engine.pipeline import (Evaluation, PruneOutcome, Workspace, evaluate, finetune_model, open_workspace, prune,
-                             save_model)
-from engine.plan import PrunePlan
-from engine.progress import Progress, ProgressCallback, check_cancel
-from engine.traces import LayerDone, TraceEvent, read_jsonl, write_jsonl
-from engine.training import FinetuneResult
+from engine.gkp.plan import PrunePlan
+from engine.gkp.traces import LayerDone, TraceEvent, read_jsonl, write_jsonl
+from engine.pipeline import (
+    Evaluation,
+    PruneOutcome,
+    Workspace,
+    evaluate,
+    finetune_model,
+    open_workspace,
+    prune,
+    save_model,
+)
+from engine.training.finetune import FinetuneResult
 from widgets.heatmap import style_table
 
 from .model_scan import inspect_model

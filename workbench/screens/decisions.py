@@ -11,7 +11,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header
 
-from engine.traces import TraceEvent
+from engine.gkp.traces import TraceEvent
 from widgets.stepper import StepperView
 
 from ..replay import LayerReplay

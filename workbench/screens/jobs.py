@@ -13,11 +13,21 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, ProgressBar, Select, TabbedContent,
-                             TabPane)
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Select,
+    TabbedContent,
+    TabPane,
+)
 
-from engine.errors import ConfigError
-from engine.finetune_config import MODES
+from engine.common.errors import ConfigError
+from engine.training.finetune_config import MODES
 from widgets.bars import bar
 from widgets.plots import ComparisonBars, CurvePlot
 
@@ -26,7 +36,7 @@ from ..prune_form import FormField, parse_field
 
 if TYPE_CHECKING:
     from engine.pipeline import Evaluation
-    from engine.training import EpochRecord
+    from engine.training.finetune import EpochRecord
 
     from ..app import WorkbenchApp
 

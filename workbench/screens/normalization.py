@@ -10,8 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
-from engine.errors import ConfigError
-from engine.normalization import Normalization, parse_normalization
+from engine.common.errors import ConfigError
+from engine.models.normalization import Normalization, parse_normalization
 
 PROMPT = (
     "{name} does not record the input normalisation it was trained with, and {job} needs it.\n"

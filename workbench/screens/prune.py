@@ -12,9 +12,19 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Select,
+    Static,
+)
 
-from engine.errors import ConfigError
+from engine.common.errors import ConfigError
 
 from ..model_view import human_count
 from ..prune_form import DEFAULT_CHOICE, FIELDS, FormField, apply_form, field_text

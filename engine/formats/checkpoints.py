@@ -1,0 +1,447 @@
+"""Reading the checkpoints users bring (state dicts in the usual wrappers, whole-model pickles
+recovered without running their code) and writing the workbench's own self-describing format."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import types
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.errors import (
+    ArchitectureError,
+    CheckpointError,
+    ConfigError,
+    WorkbenchError,
+)
+from ..common.fileio import torch_save_atomic
+from ..gkp.plan import PrunePlan
+from ..models.architectures import ArchSpec, build_model, resolve_architecture
+from ..models.normalization import Normalization
+
+WORKBENCH_FORMAT = "gkp-workbench"
+WORKBENCH_VERSION = 1
+WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
+WEIGHTS_ONLY = "state_dict"
+RESTRICTED = "pickled model (restricted)"
+TRUSTED = "pickled model (trusted)"
+_DETAIL_CHARS = 160
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready to use: the model (eval mode, weights loaded, no normalisation layer),
+    its architecture, the normalisation if known, and where the weights came from."""
+
+    model: nn.Module
+    arch: ArchSpec
+    normalization: Normalization | None
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+    source_format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+
+
+@dataclass
+class StateDictFile:
+    """The weights found in one file: the state dict (prefixes stripped), how they were stored
+    (e.g. "state_dict['model_state_dict']") and the wrapper's scalar entries."""
+
+    state_dict: dict[str, torch.Tensor]
+    source_format: str
+    metadata: dict[str, Any]
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    normalization: Normalization | None = None,
+    trust_pickle: bool = False,
+) -> LoadedCheckpoint:
+    """Load a checkpoint file into its model. `arch` overrides inference (see
+    `engine.models.architectures`); `normalization` overrides the stored one; `trust_pickle` allows a
+    full, code-executing unpickle of whole-model pickles."""
+    target = Path(path)
+    obj, base = _read_object(target, trust_pickle)
+    if isinstance(obj, Mapping) and obj.get("format") == WORKBENCH_FORMAT:
+        return _load_workbench(target, obj, arch, normalization)
+    found = _extract(target, obj, base)
+    spec = resolve_architecture(arch, found.state_dict)
+    model = _instantiate(spec, found.state_dict, None)
+    return LoadedCheckpoint(
+        model, spec, normalization, found.state_dict, target, found.source_format, found.metadata, None
+    )
+
+
+def read_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> StateDictFile:
+    """Just the weights of a checkpoint file (any supported storage form), without building a
+    model; `CheckpointError` when the file holds none."""
+    target = Path(path)
+    obj, base = _read_object(target, trust_pickle)
+    return _extract(target, obj, base)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    arch: ArchSpec,
+    normalization: Normalization,
+    *,
+    plan: PrunePlan | dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write `model` (the bare network, without a normalisation wrapper) atomically in the
+    gkp-workbench format, which reloads with `weights_only=True` and records everything needed
+    to rebuild it."""
+    if not isinstance(normalization, Normalization):
+        raise ConfigError("a workbench checkpoint must record the model's input normalisation")
+    described = {
+        "arch": arch.to_dict(),
+        "plan": plan.to_dict() if isinstance(plan, PrunePlan) else plan,
+        "metadata": dict(metadata or {}),
+    }
+    for name, value in described.items():
+        _check_plain(value, name)
+    record = {
+        "format": WORKBENCH_FORMAT,
+        "version": WORKBENCH_VERSION,
+        "normalization": normalization.to_dict(),
+        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        **described,
+    }
+    torch_save_atomic(record, path)
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new dict without the `module.` prefix (DataParallel, possibly nested) when every key
+    carries it; otherwise the same entries."""
+    out = dict(state_dict)
+    while out and all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    return out
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+
+def _read_object(path: Path, trust_pickle: bool) -> tuple[Any, str]:
+    """The top-level object of a torch-saved file and how it was read: weights-only first, then
+    the restricted unpickler, or (only with `trust_pickle`) a full unpickle."""
+    _check_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), WEIGHTS_ONLY
+    except Exception:  # any failure here is diagnosed by the stricter paths below
+        pass
+    if trust_pickle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=False), TRUSTED
+        except Exception as exc:  # a trusted unpickle may fail in arbitrary user code
+            raise CheckpointError(f"checkpoint {path} could not be unpickled even with trust: {_detail(exc)}") from None
+    foreign: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle(foreign))
+    except Exception as exc:  # corrupt input can fail anywhere inside the unpickler
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not written by torch.save: {_detail(exc)}") from None
+    if foreign and not _holds_tensors(obj):
+        raise CheckpointError(_needs_trust(path, foreign))
+    return obj, RESTRICTED
+
+
+def _check_file(path: Path) -> None:
+    """Reject paths that cannot be a torch checkpoint before handing them to `torch.load`."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if head.startswith(b"PK"):
+        if _is_torchscript(path):
+            raise CheckpointError(
+                f"{path} is a TorchScript archive, not a checkpoint; save the model's state_dict() instead"
+            )
+        return
+    if head.startswith(b"\x80"):
+        return
+    kind = "a text file" if _is_text(head) else "an unrecognised binary file"
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint (it is {kind})")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a TorchScript archive (it holds constants.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # torch.load reports the damage
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether the first bytes of a file decode as UTF-8 text."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # only a character cut off at the end of the sample
+    return True
+
+
+def _detail(exc: BaseException) -> str:
+    """First sentence of an exception message, shortened, for the end of an error sentence."""
+    text = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+def _needs_trust(path: Path, foreign: list[str]) -> str:
+    """Error text for a pickle whose weights only exist after running the code it names."""
+    return (
+        f"the weights in checkpoint {path} cannot be recovered without running the code of {foreign[0]}; "
+        "allow trusted unpickling (trust_pickle) only if you trust its source"
+    )
+
+
+# --- restricted unpickling --------------------------------------------------------------------
+
+
+class InertObject:
+    """Stand-in for an object of a pickled class that is never imported: it records the
+    constructor arguments, the state and any items pickle hands it, and does nothing else."""
+
+    pickled_class = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InertObject":
+        obj = super().__new__(cls)
+        obj.__dict__.update(inert_args=args, inert_state=None, inert_items=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["inert_state"] = state
+
+    def append(self, item: Any) -> None:
+        self.inert_items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.inert_items.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.inert_items.append((key, value))
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only globals the restricted unpickler resolves: tensor rebuilders and plain containers."""
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    }
+    for module in ("builtins", "__builtin__"):
+        allowed.update({(module, "set"): set, (module, "frozenset"): frozenset})
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    return allowed
+
+
+def _restricted_pickle(foreign: list[str]) -> types.SimpleNamespace:
+    """A `pickle_module` for `torch.load` (which supplies storages through persistent_load)
+    whose unpickler maps every global outside the allowlist to an inert stand-in class and
+    records its name in `foreign`."""
+    allowed = _allowed_globals()
+    stand_ins: dict[tuple[str, str], type] = {}
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            key = (module, name)
+            if key in allowed:
+                return allowed[key]
+            if key not in stand_ins:
+                foreign.append(f"{module}.{name}")
+                stand_ins[key] = type(name, (InertObject,), {"pickled_class": f"{module}.{name}"})
+            return stand_ins[key]
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__="gkp_restricted_pickle", Unpickler=RestrictedUnpickler, load=load)
+
+
+def _module_state(obj: Any) -> dict[str, Any] | None:
+    """The recorded `__dict__` of a pickled nn.Module stand-in, or None for anything else."""
+    if isinstance(obj, InertObject):
+        state = obj.inert_state
+        if isinstance(state, dict) and isinstance(state.get("_parameters"), Mapping) and isinstance(
+            state.get("_modules"), Mapping
+        ):
+            return state
+    return None
+
+
+def _inert_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a pickled module tree, with dotted names, in the
+    order `nn.Module.state_dict` uses."""
+    state = _module_state(obj)
+    out: dict[str, torch.Tensor] = {}
+    if state is None:
+        return out
+    for name, value in state["_parameters"].items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value.detach()
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for name, value in (state.get("_buffers") or {}).items():
+        if isinstance(value, torch.Tensor) and name not in skip:
+            out[prefix + name] = value.detach()
+    for name, child in state["_modules"].items():
+        out.update(_inert_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """Whether a restricted unpickle found weights, bare or under a wrapper key."""
+    return _as_state_dict(obj) is not None or (
+        isinstance(obj, Mapping) and any(_as_state_dict(obj.get(k)) is not None for k in WRAPPER_KEYS)
+    )
+
+
+# --- finding the weights ----------------------------------------------------------------------
+
+
+def _as_state_dict(value: Any) -> dict[str, torch.Tensor] | None:
+    """`value` as a state dict: a mapping of names to tensors, a module, or a pickled module's
+    stand-in; None when it is none of these."""
+    if isinstance(value, nn.Module):
+        return {k: v.detach() for k, v in value.state_dict().items()}
+    if _module_state(value) is not None:
+        tensors = _inert_state_dict(value)
+        return tensors or None
+    if isinstance(value, Mapping) and value and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    ):
+        return dict(value)
+    return None
+
+
+def _scalars(wrapper: Mapping[str, Any]) -> dict[str, Any]:
+    """The wrapper's scalar entries (epoch, best accuracy, ...), 0-d tensors as numbers."""
+    out: dict[str, Any] = {}
+    for key, value in wrapper.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            value = value.item()
+        if isinstance(key, str) and isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+def _extract(path: Path, obj: Any, base: str) -> StateDictFile:
+    """Locate the state dict in a loaded object: bare, or under one of WRAPPER_KEYS."""
+    found = _as_state_dict(obj)
+    if found is not None:
+        return StateDictFile(strip_module_prefix(found), base, {})
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            found = _as_state_dict(obj.get(key))
+            if found is not None:
+                label = f"{base}[{key!r}]" if base == WEIGHTS_ONLY else f"{base} under [{key!r}]"
+                return StateDictFile(strip_module_prefix(found), label, _scalars(obj))
+        keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+        raise CheckpointError(f"checkpoint {path} holds no model weights (a dict with keys {keys})")
+    if isinstance(obj, torch.Tensor):
+        raise CheckpointError(f"checkpoint {path} holds a single tensor of shape {tuple(obj.shape)}, not a model's weights")
+    kind = obj.pickled_class if isinstance(obj, InertObject) else type(obj).__name__
+    raise CheckpointError(f"checkpoint {path} holds a {kind} object, not a model's weights")
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def _instantiate(spec: ArchSpec, state_dict: dict[str, torch.Tensor], plan: dict[str, Any] | None) -> nn.Module:
+    """Build `spec` (with the plan's grouped convolutions when pruned), load the weights strictly
+    and switch to eval mode."""
+    model = build_model(spec)
+    if plan is not None:
+        from ..gkp.reconstruct import (
+            install_plan_structure,  # deferred: pruned checkpoints only
+        )
+
+        install_plan_structure(model, PrunePlan.from_dict(plan))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ArchitectureError(f"the weights do not load into {spec.describe()}: {_detail(exc)}") from None
+    return model.eval()
+
+
+def _load_workbench(
+    path: Path, obj: Mapping[str, Any], arch: str | None, normalization: Normalization | None
+) -> LoadedCheckpoint:
+    """A checkpoint in the workbench's own format: stored architecture, normalisation and plan."""
+    version = obj.get("version")
+    if version != WORKBENCH_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has gkp-workbench format version {version!r}; this version reads {WORKBENCH_VERSION}"
+        )
+    state_dict = _as_state_dict(obj.get("state_dict"))
+    plan = obj.get("plan")
+    if state_dict is None or not (plan is None or isinstance(plan, dict)):
+        raise CheckpointError(f"checkpoint {path} is a damaged gkp-workbench checkpoint (weights or plan unreadable)")
+    stored_norm = obj.get("normalization")
+    try:
+        norm = normalization or (Normalization.from_dict(stored_norm) if stored_norm is not None else None)
+        spec = ArchSpec.from_dict(obj.get("arch")) if arch is None else None
+    except WorkbenchError as exc:
+        raise CheckpointError(f"checkpoint {path} is a damaged gkp-workbench checkpoint: {exc}") from None
+    if spec is None:
+        if plan is not None:
+            raise ArchitectureError(f"checkpoint {path} is pruned and records its own architecture; drop the override")
+        spec = resolve_architecture(arch, state_dict)
+    model = _instantiate(spec, state_dict, plan)
+    metadata = dict(obj.get("metadata") or {})
+    return LoadedCheckpoint(model, spec, norm, state_dict, path, f"{WORKBENCH_FORMAT} v{version}", metadata, plan)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Reject values a weights-only load could not read back (anything but JSON-like data)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"checkpoint {where} keys must be strings, not {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise ConfigError(
+        f"checkpoint {where} is of type {type(value).__name__}; use numbers, strings, lists or dicts"
+    )

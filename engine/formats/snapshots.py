@@ -1,0 +1,227 @@
+"""Training snapshots for TMI-GKP (SPEC §3.2, §6): a directory of per-epoch state dicts, or a
+compact archive that stores each snapshot's conv weights as int8 deltas from the final weights
+(used for the bundled sample model)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..common.errors import CheckpointError, ConfigError, SnapshotError
+from ..common.fileio import write_bytes_atomic
+from ..models.architectures import StateMismatch, compare_shapes, tensor_shapes
+from .checkpoints import read_state_dict
+
+SNAPSHOT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".th", ".tar", ".ckpt", ".bin")
+ARCHIVE_FORMAT = "gkp-snapshots"
+ARCHIVE_VERSION = 1
+EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
+_EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
+_SHOWN = 8  # missing epochs listed before "..."
+_FINGERPRINT_RTOL = 1e-6
+
+StateDict = dict[str, torch.Tensor]
+
+
+def load_snapshots(
+    path: str | os.PathLike[str],
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    window: tuple[int, int] | None = None,
+    step: int = 1,
+) -> dict[int, StateDict]:
+    """Snapshots by epoch for every `step`-th epoch of `window` (inclusive; default: from the
+    first to the last epoch found). `path` is a directory of per-epoch files, or an archive from
+    `save_snapshot_archive`, which needs `reference` (the final weights) and yields only the conv
+    weights. Each snapshot must match `reference` (or, without one, the first snapshot)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(f"ticket step must be a positive integer, got {step!r}")
+    if window is not None and (len(window) != 2 or window[0] > window[1]):
+        raise ConfigError(f"ticket window must be (first, last) with first <= last, got {window!r}")
+    target = Path(path)
+    if not target.exists():
+        raise SnapshotError(f"snapshot path {target} does not exist")
+    if target.is_file():
+        return _load_archive(target, reference, window, step)
+    files = snapshot_files(target)
+    if not files:
+        raise SnapshotError(
+            f"no snapshot files in {target}: expected one file per epoch named like {EXPECTED_NAMES}"
+        )
+    snapshots: dict[int, StateDict] = {}
+    first: tuple[str, StateDict] | None = None
+    for epoch in _requested_epochs(sorted(files), window, step):
+        file = files[epoch]
+        try:
+            state = read_state_dict(file).state_dict
+        except CheckpointError as exc:
+            raise SnapshotError(str(exc)) from None
+        if reference is not None:
+            _check_match(compare_shapes(tensor_shapes(reference), tensor_shapes(state)),
+                         f"snapshot {file.name} does not match the model")
+        elif first is not None:
+            _check_match(compare_shapes(tensor_shapes(first[1]), tensor_shapes(state)),
+                         f"snapshots mix architectures: {file.name} differs from {first[0]}")
+        else:
+            first = (file.name, state)
+        snapshots[epoch] = state
+    return snapshots
+
+
+def snapshot_files(directory: Path) -> dict[int, Path]:
+    """Epoch → file for the snapshot files of `directory` (names holding one epoch number)."""
+    found: dict[int, Path] = {}
+    for file in sorted(directory.iterdir()):
+        epoch = epoch_of(file.name) if file.is_file() and not file.name.startswith(".") else None
+        if epoch is None:
+            continue
+        if epoch in found:
+            raise SnapshotError(f"epoch {epoch} has two snapshot files in {directory}: {found[epoch].name} and {file.name}")
+        found[epoch] = file
+    return found
+
+
+def epoch_of(name: str) -> int | None:
+    """The epoch number in a snapshot file name: its only integer, or the one after "epoch"/"ep"
+    (as in resnet20_epoch_7.pt); None for other files."""
+    stem = name
+    while (suffix := Path(stem).suffix.lower()) in SNAPSHOT_SUFFIXES:
+        stem = stem[: -len(suffix)]
+    if stem == name:
+        return None
+    numbers = re.findall(r"\d+", stem)
+    if len(numbers) == 1:
+        return int(numbers[0])
+    tagged = _EPOCH_KEYWORD.findall(stem)
+    return int(tagged[0]) if len(tagged) == 1 else None
+
+
+def save_snapshot_archive(
+    path: str | os.PathLike[str],
+    snapshots: Mapping[int, Mapping[str, torch.Tensor]],
+    final_state: Mapping[str, torch.Tensor],
+) -> None:
+    """Write the conv weights (4-D tensors) of every snapshot as int8 deltas from `final_state`
+    with one float scale per tensor (`max|delta|/127`), compressed, atomically."""
+    names = [k for k, v in final_state.items() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    if not names:
+        raise SnapshotError("the final state has no conv weights (4-D tensors) to archive")
+    if not snapshots:
+        raise SnapshotError("there are no snapshots to archive")
+    epochs = sorted(int(e) for e in snapshots)
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(ARCHIVE_FORMAT),
+        "version": np.array(ARCHIVE_VERSION),
+        "epochs": np.array(epochs, dtype=np.int64),
+        "names": np.array(names),
+        "final_l1": np.array([float(final_state[n].double().abs().sum()) for n in names]),
+    }
+    scales = np.zeros((len(epochs), len(names)), dtype=np.float32)
+    for i, name in enumerate(names):
+        final = final_state[name].detach().cpu().double().numpy()
+        quantised = np.zeros((len(epochs), *final.shape), dtype=np.int8)
+        for j, epoch in enumerate(epochs):
+            weight = snapshots[epoch].get(name)
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != final.shape:
+                raise SnapshotError(f"snapshot of epoch {epoch} has no conv weight {name!r} of shape {final.shape}")
+            delta = weight.detach().cpu().double().numpy() - final
+            scale = np.float32(np.abs(delta).max() / 127.0)
+            scales[j, i] = scale
+            if scale > 0:
+                quantised[j] = np.clip(np.rint(delta / float(scale)), -127, 127).astype(np.int8)
+        arrays[f"q{i}"] = quantised
+    arrays["scales"] = scales
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _load_archive(
+    path: Path, reference: Mapping[str, torch.Tensor] | None, window: tuple[int, int] | None, step: int
+) -> dict[int, StateDict]:
+    """Dequantise an archive's conv weights (`final + q * scale`, float32) for the requested epochs."""
+    if reference is None:
+        raise SnapshotError(
+            f"{path} is a compact snapshot archive of deltas from the final weights; pass the final state dict as reference"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SnapshotError(f"{path} is neither a snapshot directory nor a readable snapshot archive ({exc})") from None
+    if str(arrays.get("format", "")) != ARCHIVE_FORMAT or int(arrays.get("version", -1)) != ARCHIVE_VERSION:
+        raise SnapshotError(f"{path} is not a gkp-workbench snapshot archive (version {ARCHIVE_VERSION})")
+    names = [str(n) for n in arrays["names"]]
+    found = [int(e) for e in arrays["epochs"]]
+    for i, name in enumerate(names):
+        ref = reference.get(name)
+        shape = tuple(arrays[f"q{i}"].shape[1:])
+        if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != shape:
+            raise SnapshotError(f"snapshot archive {path.name} does not match the model: key {name!r} of shape {shape}")
+        l1 = float(ref.double().abs().sum())
+        if abs(l1 - float(arrays["final_l1"][i])) > _FINGERPRINT_RTOL * max(1.0, l1):
+            raise SnapshotError(
+                f"snapshot archive {path.name} was made from different final weights than the reference (key {name!r})"
+            )
+    position = {epoch: j for j, epoch in enumerate(found)}
+    finals = {name: reference[name].detach().cpu().double() for name in names}
+    snapshots: dict[int, StateDict] = {}
+    for epoch in _requested_epochs(sorted(found), window, step):
+        j = position[epoch]
+        snapshots[epoch] = {
+            name: (finals[name] + torch.from_numpy(arrays[f"q{i}"][j].astype(np.float64)) * float(arrays["scales"][j, i]))
+            .to(torch.float32)
+            for i, name in enumerate(names)
+        }
+    return snapshots
+
+
+def _requested_epochs(found: list[int], window: tuple[int, int] | None, step: int) -> list[int]:
+    """Every `step`-th epoch of the window (or of the found range); `SnapshotError` listing the
+    missing ones and what was found when any is absent."""
+    first, last = window if window is not None else (found[0], found[-1])
+    wanted = list(range(first, last + 1, step))
+    have = set(found)
+    missing = [e for e in wanted if e not in have]
+    if missing:
+        listed = ", ".join(str(e) for e in missing[:_SHOWN])
+        if len(missing) > _SHOWN:
+            listed += f", ... ({len(missing)} in all)"
+        where = f"ticket window {first}..{last}" if window is not None else f"epochs {first}..{last}"
+        if step > 1:
+            where += f" at step {step}"
+        raise SnapshotError(f"missing epochs {listed} in {where} (found {_ranges(found)})")
+    return wanted
+
+
+def _ranges(epochs: list[int]) -> str:
+    """Sorted epochs as compact runs: "35..40, 43..70"."""
+    runs: list[list[int]] = []
+    for epoch in epochs:
+        if runs and epoch == runs[-1][1] + 1:
+            runs[-1][1] = epoch
+        else:
+            runs.append([epoch, epoch])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
+def _check_match(mismatch: StateMismatch, context: str) -> None:
+    """Raise `SnapshotError` naming the first mismatching key."""
+    key = mismatch.first_key
+    if key is None:
+        return
+    shapes = {k: (e, f) for k, e, f in mismatch.wrong_shape}
+    if key in shapes:
+        detail = f"expects shape {shapes[key][0]} but has {shapes[key][1]}"
+    elif key in mismatch.missing:
+        detail = "is missing"
+    else:
+        detail = "is unexpected"
+    raise SnapshotError(f"{context}: key {key!r} {detail}")

@@ -1,0 +1,177 @@
+"""The pruning plan: per pruned layer its filter groups and the input channels each group keeps,
+with the method, every parameter, and the skipped layers. Serialises to stable JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..common.errors import PlanError
+from ..common.fileio import write_text_atomic
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """One pruned conv: `filter_groups[g]` are the output filters of group g (ascending) and
+    `kept_channels[g]` the S input channels that group keeps (ascending)."""
+
+    name: str
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+    filter_groups: list[list[int]]
+    kept_channels: list[list[int]]
+    grouping: str
+    selection: str
+    score: float | None = None
+
+    @property
+    def groups(self) -> int:
+        return len(self.filter_groups)
+
+    @property
+    def kept(self) -> int:
+        return len(self.kept_channels[0])
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of the layer's kernels pruned."""
+        return 1.0 - self.kept / self.in_channels
+
+    def check(self) -> None:
+        """Raise `PlanError` unless the groups partition the filters equally and every group
+        keeps the same number of distinct, in-range input channels."""
+        n = len(self.filter_groups)
+        if n == 0 or len(self.kept_channels) != n:
+            raise PlanError(f"{self.name}: {n} filter groups but {len(self.kept_channels)} kept lists")
+        flat = sorted(i for group in self.filter_groups for i in group)
+        if flat != list(range(self.out_channels)):
+            raise PlanError(f"{self.name}: filter groups do not partition its {self.out_channels} filters")
+        if len({len(g) for g in self.filter_groups}) != 1:
+            raise PlanError(f"{self.name}: filter groups differ in size")
+        sizes = {len(k) for k in self.kept_channels}
+        if len(sizes) != 1 or not 1 <= sizes.pop() <= self.in_channels:
+            raise PlanError(f"{self.name}: groups keep different or impossible channel counts")
+        for kept in self.kept_channels:
+            if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= self.in_channels:
+                raise PlanError(f"{self.name}: kept channels repeat or fall outside 0..{self.in_channels - 1}")
+
+    def check_conv(self, module: nn.Module | None) -> None:
+        """Raise `PlanError` unless `module` is a dense Conv2d of the shape this layer was planned for."""
+        if module is None:
+            raise PlanError(f"plan layer {self.name!r} does not exist in this model")
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            raise PlanError(f"plan layer {self.name!r} is not a dense Conv2d in this model")
+        shape = (module.out_channels, module.in_channels, *module.kernel_size)
+        planned = (self.out_channels, self.in_channels, *self.kernel_size)
+        if shape != planned:
+            raise PlanError(f"plan layer {self.name!r} expects weight {planned}, model has {shape}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kernel_size"] = list(self.kernel_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        try:
+            layer = cls(
+                name=str(data["name"]),
+                out_channels=int(data["out_channels"]),
+                in_channels=int(data["in_channels"]),
+                kernel_size=(int(data["kernel_size"][0]), int(data["kernel_size"][1])),
+                filter_groups=[[int(i) for i in g] for g in data["filter_groups"]],
+                kept_channels=[sorted(int(i) for i in k) for k in data["kept_channels"]],
+                grouping=str(data["grouping"]),
+                selection=str(data["selection"]),
+                score=None if data.get("score") is None else float(data["score"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise PlanError(f"malformed layer entry in plan: {exc!r}") from None
+        layer.check()
+        return layer
+
+
+@dataclass
+class SkippedLayer:
+    """A conv the plan leaves dense, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class PrunePlan:
+    """Everything needed to rebuild a pruned model from its dense checkpoint."""
+
+    method: str
+    params: dict[str, Any]
+    layers: list[LayerPlan]
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    arch: dict[str, Any] | None = None
+    version: int = PLAN_VERSION
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "method": self.method,
+            "params": self.params,
+            "arch": self.arch,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PrunePlan":
+        if not isinstance(data, dict) or "layers" not in data or "method" not in data:
+            raise PlanError("not a pruning plan (expects an object with 'method' and 'layers')")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (expects {PLAN_VERSION})")
+        try:
+            skipped = [SkippedLayer(str(s["name"]), str(s["reason"])) for s in data.get("skipped", [])]
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed skipped-layer entry in plan: {exc!r}") from None
+        return cls(
+            method=str(data["method"]),
+            params=dict(data.get("params") or {}),
+            layers=[LayerPlan.from_dict(entry) for entry in data["layers"]],
+            skipped=skipped,
+            arch=data.get("arch"),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "PrunePlan":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan {path} is not valid JSON: {exc}") from None
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Raise `PlanError` naming the first layer of the plan that `model` does not have in the
+        shape the plan was made for."""
+        modules = dict(model.named_modules())
+        for layer in self.layers:
+            layer.check_conv(modules.get(layer.name))

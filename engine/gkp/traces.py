@@ -1,0 +1,346 @@
+"""Decision traces (SPEC §4.3): typed, frozen events that every pruning stage emits so a person
+can step through each decision, with a stable JSON form documented in docs/TRACES.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..common.errors import WorkbenchError
+from ..common.fileio import write_text_atomic
+
+TRACE_FORMAT = "gkp-workbench/trace"
+TRACE_VERSION = 1
+TRACE_LEVELS: tuple[str, ...] = ("decisions", "full")
+
+
+class TraceError(WorkbenchError):
+    """A trace file or record cannot be read."""
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """Base of every event: `kind` names the event type, `layer` the conv it belongs to."""
+
+    kind: ClassVar[str] = ""
+    layer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists, nested records dicts) with `kind`."""
+        data = _plain(dataclasses.asdict(self))
+        data["kind"] = self.kind
+        return data
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "TraceEvent":
+        """Rebuild the typed event a `to_dict` produced; `TraceError` for anything else."""
+        if not isinstance(data, dict):
+            raise TraceError(f"a trace event must be a JSON object, got {type(data).__name__}")
+        cls = EVENT_TYPES.get(data.get("kind"))  # type: ignore[arg-type]
+        if cls is None:
+            raise TraceError(f"unknown trace event kind {data.get('kind')!r}")
+        return _build(cls, {k: v for k, v in data.items() if k != "kind"})
+
+
+@dataclass(frozen=True)
+class LayerStart(TraceEvent):
+    """A layer's pruning begins: its weight shape, `groups` (n), `kept` (S) and the methods."""
+
+    kind: ClassVar[str] = "layer_start"
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+    groups: int
+    kept: int
+    grouping: str
+    selection: str
+    compat: str
+
+
+@dataclass(frozen=True)
+class LayerSkipped(TraceEvent):
+    """A conv left dense, and why."""
+
+    kind: ClassVar[str] = "layer_skipped"
+    reason: str
+
+
+@dataclass(frozen=True)
+class SnakeDeal(TraceEvent):
+    """Snaking (SPEC §3.1), one entry per rank: `filters[r]` has key `values[r]` and is dealt to
+    group `groups[r]`. `key` is `smoothness` (ascending) or `magnitude` (descending)."""
+
+    kind: ClassVar[str] = "snake_deal"
+    key: str
+    descending: bool
+    filters: tuple[int, ...]
+    values: tuple[float, ...]
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RandomGrouping(TraceEvent):
+    """Seeded random equal-size filter groups (an ablation baseline)."""
+
+    kind: ClassVar[str] = "random_grouping"
+    filter_groups: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Clustering(TraceEvent):
+    """One TMI clustering scheme's equal-size filter groups for this layer. For `tsne-dbscan`,
+    `eps` is the DBSCAN radius found and `raw_clusters` how many clusters it gave before
+    balancing; both are null for the other schemes."""
+
+    kind: ClassVar[str] = "clustering"
+    scheme: str
+    filter_groups: tuple[tuple[int, ...], ...]
+    eps: float | None = None
+    raw_clusters: int | None = None
+
+
+@dataclass(frozen=True)
+class TmiTicket(TraceEvent):
+    """One ticket epoch scored against every scheme (Eq. 4); per-scheme lists follow `schemes`."""
+
+    kind: ClassVar[str] = "tmi_ticket"
+    epoch: int
+    schemes: tuple[str, ...]
+    group_scores: tuple[tuple[float, ...], ...]
+    gaps: tuple[tuple[float, ...], ...]
+    gap_mean: tuple[float, ...]
+    gap_var: tuple[float, ...]
+    rank_mean: tuple[float, ...]
+    rank_var: tuple[float, ...]
+    score: tuple[float, ...]
+    winner: str
+
+
+@dataclass(frozen=True)
+class TmiVote(TraceEvent):
+    """The tickets' votes (`votes[i]` for `epochs[i]`), the tally and longest run of consecutive
+    wins per scheme, and the scheme used for the layer."""
+
+    kind: ClassVar[str] = "tmi_vote"
+    schemes: tuple[str, ...]
+    epochs: tuple[int, ...]
+    votes: tuple[str, ...]
+    tally: tuple[int, ...]
+    longest_run: tuple[int, ...]
+    winner: str
+
+
+@dataclass(frozen=True)
+class BeamCandidate:
+    """One candidate at a beam cut: its members in insertion order (the start first, `added`
+    last) and how the cut judged it."""
+
+    members: tuple[int, ...]
+    added: int
+    cost: float
+    smoothness: float
+    rank_cost: int
+    rank_smooth: int
+    score: float
+    survived: bool
+
+
+@dataclass(frozen=True)
+class BeamCut(TraceEvent):
+    """A cut of one start's beam at set size `size` (Eq. 2 and Eq. 3 with `beta`)."""
+
+    kind: ClassVar[str] = "beam_cut"
+    group: int
+    start: int
+    size: int
+    beta: float
+    candidates: tuple[BeamCandidate, ...]
+
+
+@dataclass(frozen=True)
+class FinalCandidate:
+    """A complete candidate of one start, scored for the final pick."""
+
+    members: tuple[int, ...]
+    cost: float
+    smoothness: float
+
+
+@dataclass(frozen=True)
+class BeamFinal(TraceEvent):
+    """One start's complete candidates with their final Eq. 3 cost; `best` indexes the first
+    highest."""
+
+    kind: ClassVar[str] = "beam_final"
+    group: int
+    start: int
+    beta: float
+    candidates: tuple[FinalCandidate, ...]
+    best: int
+
+
+@dataclass(frozen=True)
+class StartResults(TraceEvent):
+    """Every restart of one group: start kernel, its best complete set (insertion order) and
+    score (Eq. 3 for `smooth-beam`, Eq. 5 for `greedy`), enough to replay the final pick."""
+
+    kind: ClassVar[str] = "start_results"
+    group: int
+    selection: str
+    beta: float
+    gamma: int
+    starts: tuple[int, ...]
+    members: tuple[tuple[int, ...], ...]
+    scores: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RankedSelection(TraceEvent):
+    """A baseline selection: `values[c]` per input channel (norm for `l2`, smoothness for
+    `least-smooth`, empty for `random`) and the channels kept."""
+
+    kind: ClassVar[str] = "ranked_selection"
+    group: int
+    method: str
+    values: tuple[float, ...]
+    kept: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FinalChoice(TraceEvent):
+    """The grouped kernels a group keeps (ascending), with the winning start and its score
+    (both null for baselines)."""
+
+    kind: ClassVar[str] = "final_choice"
+    group: int
+    kept: tuple[int, ...]
+    score: float | None
+    start: int | None
+
+
+@dataclass(frozen=True)
+class LayerDone(TraceEvent):
+    """A layer's result as it enters the plan."""
+
+    kind: ClassVar[str] = "layer_done"
+    grouping: str
+    selection: str
+    filter_groups: tuple[tuple[int, ...], ...]
+    kept_channels: tuple[tuple[int, ...], ...]
+    achieved_ratio: float
+    score: float | None
+
+
+EVENT_TYPES: dict[str, type[TraceEvent]] = {
+    cls.kind: cls
+    for cls in (
+        LayerStart, LayerSkipped, SnakeDeal, RandomGrouping, Clustering, TmiTicket, TmiVote,
+        BeamCut, BeamFinal, StartResults, RankedSelection, FinalChoice, LayerDone,
+    )
+}
+
+EventSink = Callable[[TraceEvent], None]
+
+
+@dataclass(frozen=True)
+class Tracer:
+    """Where events go and how much detail they carry (`decisions` or `full`)."""
+
+    emit: EventSink
+    level: str = "decisions"
+
+    @property
+    def full(self) -> bool:
+        return self.level == "full"
+
+
+def event_line(event: TraceEvent) -> str:
+    """One JSON line (sorted keys, no newline) for `event`."""
+    return json.dumps(event.to_dict(), sort_keys=True)
+
+
+def write_jsonl(path: str | os.PathLike[str], events: Iterable[TraceEvent]) -> None:
+    """Atomically write a header line then one line per event."""
+    header = json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION}, sort_keys=True)
+    lines = [header, *(event_line(e) for e in events)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[TraceEvent]:
+    """Read a trace written by `write_jsonl` (or a header-less stream of event lines)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
+    events: list[TraceEvent] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"trace {path} line {number} is not valid JSON: {exc.msg}") from None
+        if isinstance(data, dict) and data.get("format") == TRACE_FORMAT:
+            if data.get("version") != TRACE_VERSION:
+                raise TraceError(
+                    f"trace {path} has version {data.get('version')!r}; this workbench reads "
+                    f"version {TRACE_VERSION}"
+                )
+            continue
+        try:
+            events.append(TraceEvent.from_dict(data))
+        except TraceError as exc:
+            raise TraceError(f"trace {path} line {number}: {exc}") from None
+    return events
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Instantiate dataclass `cls` from JSON data, converting by the field annotations."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise TraceError(f"{cls.__name__} record has unknown fields {sorted(unknown)}")
+    try:
+        return cls(**{name: _convert(hints[name], value) for name, value in data.items()})
+    except TypeError as exc:
+        raise TraceError(f"bad {cls.__name__} record: {exc}") from None
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TraceError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TraceError(f"expected an object for {hint.__name__}, got {value!r}")
+        return _build(hint, value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise TraceError(f"expected {getattr(hint, '__name__', hint)}, got {value!r}")

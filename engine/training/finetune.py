@@ -1,0 +1,508 @@
+"""Fine-tuning (SPEC §7): SGD with step or cosine decay and standard, Fast-AT, SAM or ASAM
+steps; per-epoch validation keeping the best model per metric; and a `last.pt` after every epoch
+from which `resume=True` continues bit-for-bit (same seed, CPU).
+
+Shuffling, augmentation and Fast-AT's random start come from generators seeded by (seed, epoch),
+so an epoch's randomness does not depend on what ran before it; under torchrun every global batch
+is split across the processes, so N processes see the same batches as one."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from ..common.distributed import DistContext
+from ..common.errors import Cancelled, CheckpointError, ConfigError, DataError
+from ..common.fileio import torch_save_atomic
+from ..common.progress import Progress, ProgressCallback, check_cancel, report
+from ..data.augment import CropFlipDraws
+from ..data.datasets import DataBundle
+from ..gkp.reconstruct import dense_equivalent
+from ..models.normalization import Normalization
+from ..models.normalize_layer import with_normalization
+from ..robustness.batch_eval import derive_seed
+from ..robustness.sharded import evaluate_sharded
+from .finetune_config import FinetuneConfig, metric_filename
+
+CROP_PAD = 4
+STATE_FILE = "last.pt"
+STATE_FORMAT = "gkp-finetune-state"
+STATE_VERSION = 1
+# Config keys a resumed run may change: they choose the hardware path, not what is computed.
+_RESUME_FREE = ("device", "compile")
+# Purposes of the per-epoch generators, mixed into their seeds.
+_SHUFFLE, _AUGMENT, _FASTAT = 0, 1, 2
+
+SaveModel = Callable[[Path, nn.Module, dict[str, Any]], None]
+EpochHook = Callable[[int, nn.Module], None]
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: train loss and accuracy (adversarial examples in fastat mode), the learning
+    rate it ran at, and validation accuracy per metric (`benign`, attack labels; empty on
+    epochs without evaluation)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    lr: float
+    seconds: float
+    images_per_second: float
+    val: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BestRecord:
+    """The epoch with the highest validation value of one metric, and its saved model."""
+
+    epoch: int
+    value: float
+    path: Path | None
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did. `completed` is False when it was cancelled: the model then holds the
+    weights of the interrupted epoch, while `last_path` holds the last complete one."""
+
+    history: list[EpochRecord]
+    best: dict[str, BestRecord]
+    last_path: Path | None
+    completed: bool
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (paths as strings), for reports."""
+        return {
+            "history": [asdict(r) for r in self.history],
+            "best": {m: {"epoch": b.epoch, "value": b.value, "path": None if b.path is None else str(b.path)}
+                     for m, b in self.best.items()},
+            "last_path": None if self.last_path is None else str(self.last_path),
+            "completed": self.completed,
+            "device": self.device,
+            "seconds": self.seconds,
+        }
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global random state as tensors and plain values (loadable with weights_only)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
+    saved = state["python"]
+    random.setstate((saved["version"], tuple(int(v) for v in saved["state"].tolist()), saved["gauss_next"]))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+
+
+@contextmanager
+def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics left unchanged, for SAM's second pass over the same batch."""
+    norms = [(m, m.momentum) for m in model.modules() if isinstance(m, _BatchNorm)]
+    for module, _ in norms:
+        module.momentum = 0.0
+    try:
+        yield
+    finally:
+        for module, momentum in norms:
+            module.momentum = momentum
+
+
+def fgsm_random_start(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    eps: float,
+    alpha: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Fast-AT's adversarial batch (Wong et al., "Fast is better than free"): a uniform random
+    start in the ε-ball, one signed-gradient step of `alpha` on `loss_of`, clamped to the ball
+    and to [0, 1] pixels."""
+    noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+    delta = ((x + noise.to(x.device)).clamp(0, 1) - x).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
+    delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+
+def sharpness_perturbation(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], rho: float, adaptive: bool
+) -> list[torch.Tensor] | None:
+    """SAM's weight perturbation ρ·g/‖g‖ for each (weight, gradient) pair, or ASAM's
+    ρ·|w|²g/‖|w|g‖ (Kwon et al.); None when the gradient is zero or not finite. Any uniform
+    scale of the gradients (a loss scaler's) cancels out."""
+    scaled = [w.abs() * g if adaptive else g for w, g in pairs]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return None
+    return [rho * (w.abs() * s if adaptive else s) / norm for (w, _), s in zip(pairs, scaled)]
+
+
+class _Run:
+    """One fine-tuning run's model, optimiser, schedule, bookkeeping and checkpoint files."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        norm: Normalization,
+        config: FinetuneConfig,
+        out_dir: Path | None,
+        ctx: DistContext,
+        save_model: SaveModel | None,
+        on_epoch_end: EpochHook | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.model, self.data, self.norm, self.config, self.out_dir, self.ctx = model, data, norm, config, out_dir, ctx
+        self.save_model, self.on_epoch_end, self.cancel = save_model, on_epoch_end, cancel
+        self.progress = progress if ctx.is_main else None
+        self.specs = config.attack_specs()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters to fine-tune")
+        device = ctx.device
+        cuda = device.type == "cuda"
+        self.channels_last = cuda and config.channels_last
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        core: nn.Module = with_normalization(model, norm).to(device)
+        if config.compile:
+            core = torch.compile(core)  # type: ignore[assignment]
+        self.core = core
+        self.net = (
+            DistributedDataParallel(core, device_ids=[device.index] if cuda else None) if ctx.distributed else core
+        )
+        self.optimizer = torch.optim.SGD(
+            self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
+            torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.resolved_milestones(), config.gamma)
+            if config.schedule == "step"
+            else torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+        )
+        self.amp_dtype = None
+        if cuda and config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.epoch = 0
+        self.history: list[EpochRecord] = []
+        self.best: dict[str, BestRecord] = {}
+        n = len(data.train)  # type: ignore[arg-type]
+        self.steps_per_epoch = len(self._global_batches(torch.arange(n)))
+        self.steps_this_run = 0
+        self.started = time.perf_counter()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy of `net` on the batch, and its logits."""
+        with self._autocast():
+            logits = net(x)
+        return F.cross_entropy(logits.float(), y, reduction="sum"), logits
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self._scaled(loss).backward()
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _sharpness_pass(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
+        """SAM's second pass: gradient at the perturbed weights, left for the optimiser step."""
+        with torch.no_grad():
+            pairs = [(p, p.grad) for p in self.params if p.grad is not None]
+            steps = sharpness_perturbation(pairs, self.config.resolved_rho(), self.config.mode == "asam")
+            if steps is None:
+                return
+            for (p, _), step in zip(pairs, steps):
+                p.add_(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _running_stats_frozen(self.model):
+            loss, _ = self._loss(self.net, x, y)
+            self._backward(loss * scale)
+        with torch.no_grad():
+            for (p, _), step in zip(pairs, steps):
+                p.sub_(step)
+
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, scale: float, attack_rng: torch.Generator | None
+    ) -> tuple[float, int]:
+        """One optimiser step; returns the batch's summed loss and correct count."""
+        if attack_rng is not None:
+            x = fgsm_random_start(
+                lambda adv: self._scaled(self._loss(self.core, adv, y)[0]), x,
+                self.config.fastat_eps, self.config.fastat_alpha, attack_rng,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self._loss(self.net, x, y)
+        self._backward(loss * scale)
+        if self.config.mode in ("sam", "asam"):
+            self._sharpness_pass(x, y, scale)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(loss.detach()), int((logits.detach().argmax(dim=1) == y).sum())
+
+    # ---- one epoch ------------------------------------------------------------------------
+
+    def _global_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """Batches of `order`; under torchrun a last batch smaller than the process count is
+        dropped, since every process needs a share."""
+        batches = list(order.split(self.config.batch_size))
+        if self.ctx.distributed and len(batches[-1]) < self.ctx.world_size:
+            batches.pop()
+        return batches
+
+    def _fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.data.train[i] for i in indices.tolist()]
+        images = torch.stack([item[0] for item in items]).to(self.ctx.device)
+        labels = torch.tensor([int(item[1]) for item in items], dtype=torch.long, device=self.ctx.device)
+        return images, labels
+
+    def train_epoch(self, epoch: int) -> EpochRecord:
+        """Train epoch `epoch` (0-based) over the train split and step the schedule."""
+        config, ctx = self.config, self.ctx
+        n = len(self.data.train)  # type: ignore[arg-type]
+        batches = self._global_batches(torch.randperm(n, generator=_generator(config.seed, epoch, _SHUFFLE)))
+        draws = (
+            CropFlipDraws.draw(n, CROP_PAD, self.data.flip_ok, _generator(config.seed, epoch, _AUGMENT))
+            if config.augment else None
+        )
+        attack_rng = _generator(config.seed, epoch, _FASTAT, ctx.rank) if config.mode == "fastat" else None
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.net.train()
+        loss_sum, correct, count = 0.0, 0, 0
+        started = time.perf_counter()
+        for step, batch in enumerate(batches, 1):
+            check_cancel(self.cancel)
+            local = batch[ctx.rank :: ctx.world_size]
+            x, y = self._fetch(local)
+            if draws is not None:
+                x = draws.apply(x, local)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batch_loss, batch_correct = self._step(x, y, ctx.world_size / len(batch), attack_rng)
+            loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + len(local)
+            self.steps_this_run += 1
+            throughput = count * ctx.world_size / (time.perf_counter() - started)
+            self._report_step(epoch, step, loss_sum / count, lr, throughput)
+        self.scheduler.step()
+        loss_sum, correct, count = self.ctx.all_reduce_sum([loss_sum, correct, count])
+        seconds = time.perf_counter() - started
+        return EpochRecord(epoch + 1, loss_sum / count, correct / count, lr, seconds, count / seconds)
+
+    def _report_step(self, epoch: int, step: int, loss: float, lr: float, images_per_second: float) -> None:
+        if self.progress is None:
+            return
+        done = epoch * self.steps_per_epoch + step
+        total = self.config.epochs * self.steps_per_epoch
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.steps_this_run * (total - done)
+        report(self.progress, Progress(
+            "finetune", done, total, f"epoch {epoch + 1}/{self.config.epochs} step {step}/{self.steps_per_epoch}",
+            {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss, "lr": lr,
+             "images_per_second": images_per_second, "eta_seconds": eta},
+        ))
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Validation accuracy, benign and under each tracked attack, sharded over processes (a
+        pruned model is measured in its dense equivalent, which infers faster)."""
+        report(self.progress, Progress(
+            "finetune", epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
+            f"epoch {epoch}/{self.config.epochs}: evaluating on the validation split", {"epoch": epoch},
+        ))
+        result = evaluate_sharded(
+            dense_equivalent(self.model), self.norm, self.data.val, self.specs, ctx=self.ctx,
+            max_examples=self.config.eval_max_examples, device=str(self.ctx.device),
+            seed=self.config.seed, cancel=self.cancel,
+        )
+        return {"benign": result.clean_acc, **{a.label: a.accuracy for a in result.attacks}}
+
+    # ---- bookkeeping and files ----------------------------------------------------------
+
+    def finish_epoch(self, record: EpochRecord) -> None:
+        """Record the epoch, save any new best models, then `last.pt` (in that order, so a
+        crash between the two is repaired by re-running the epoch)."""
+        self.history.append(record)
+        for metric, value in record.val.items():
+            held = self.best.get(metric)
+            if held is not None and value <= held.value:
+                continue
+            path = None if self.out_dir is None else self.out_dir / f"best_{metric_filename(metric)}.pt"
+            if path is not None and self.ctx.is_main:
+                self._save_best(path, metric, record)
+            self.best[metric] = BestRecord(record.epoch, value, path)
+        self.epoch = record.epoch
+        if self.out_dir is not None and self.ctx.is_main:
+            torch_save_atomic(self._state(), self.out_dir / STATE_FILE)
+        report(self.progress, Progress(
+            "finetune", self.epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
+            f"epoch {record.epoch}/{self.config.epochs} done",
+            {"epoch": record.epoch, "epoch_done": True, "record": record},
+        ))
+        if self.on_epoch_end is not None and self.ctx.is_main:
+            self.on_epoch_end(record.epoch, self.model)
+
+    def _save_best(self, path: Path, metric: str, record: EpochRecord) -> None:
+        metadata = {
+            "stage": "finetune", "epoch": record.epoch, "metric": metric, "value": record.val[metric],
+            "val": dict(record.val), "dataset": self.data.name, "normalization": self.norm.to_dict(),
+            "finetune": self.config.to_dict(),
+        }
+        if self.save_model is not None:
+            self.save_model(path, self.model, metadata)
+        else:
+            torch_save_atomic({"state_dict": _cpu_state(self.model), "metadata": metadata}, path)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "model": _cpu_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": _rng_state(self.ctx.device),
+            "history": [asdict(r) for r in self.history],
+            "best": {m: {"epoch": b.epoch, "value": b.value, "file": None if b.path is None else b.path.name}
+                     for m, b in self.best.items()},
+        }
+
+    def resume(self) -> None:
+        """Continue from `last.pt`: weights, optimiser, schedule, scaler, RNGs and bookkeeping."""
+        assert self.out_dir is not None
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"nothing to resume: {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for damaged or foreign files
+            raise CheckpointError(f"{path} is not a readable fine-tuning state ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path} is not a fine-tuning state written by the workbench")
+        saved, current = state["config"], self.config.to_dict()
+        changed = [k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
+        if changed:
+            raise ConfigError(f"cannot resume {path}: the config now differs in {', '.join(changed)}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CheckpointError(f"{path} holds the weights of a different model") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        _restore_rng(state["rng"], self.ctx.device)
+        self.epoch = int(state["epoch"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.best = {
+            m: BestRecord(b["epoch"], b["value"], None if b["file"] is None else self.out_dir / b["file"])
+            for m, b in state["best"].items()
+        }
+
+
+def finetune(
+    model: nn.Module,
+    data: DataBundle,
+    normalization: Normalization,
+    config: FinetuneConfig,
+    out_dir: Path | None,
+    *,
+    resume: bool = False,
+    save_model: SaveModel | None = None,
+    on_epoch_end: EpochHook | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    ctx: DistContext | None = None,
+) -> FinetuneResult:
+    """Fine-tune `model` (which takes normalised input) on `data.train`, validating on
+    `data.val`. With `out_dir`, every epoch writes `last.pt` and new bests `best_<metric>.pt`
+    (through `save_model` when given); `resume` continues from `last.pt`. `on_epoch_end(epoch,
+    model)` runs after every complete epoch (for training snapshots). Cancellation stops
+    within one step and returns with `completed=False`. Under torchrun (`ctx` from the
+    environment by default) only rank 0 writes files and reports progress."""
+    config.validate()
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the run to continue")
+    ctx = ctx or DistContext.from_env(config.device)
+    if config.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"finetune.batch_size {config.batch_size} must divide evenly over {ctx.world_size} processes"
+        )
+    if len(data.train) < max(1, ctx.world_size):  # type: ignore[arg-type]
+        raise DataError(f"the train split of {data.name} has too few images to train on")
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None and ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    norm = normalization.for_channels(data.in_channels)
+    original = next((p.device for p in model.parameters()), ctx.device)
+    started = time.perf_counter()
+    run: _Run | None = None
+    completed = False
+    try:
+        run = _Run(model, data, norm, config, out, ctx, save_model, on_epoch_end, progress, cancel)
+        if resume:
+            run.resume()
+        else:
+            torch.manual_seed(config.seed)
+        for epoch in range(run.epoch, config.epochs):
+            record = run.train_epoch(epoch)
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                record.val = run.evaluate(epoch + 1)
+            run.finish_epoch(record)
+        ctx.barrier()
+        completed = True
+    except Cancelled:
+        pass
+    finally:
+        model.to(original)
+        if run is not None and run.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    last = None if out is None or not (out / STATE_FILE).is_file() else out / STATE_FILE
+    return FinetuneResult(run.history, run.best, last, completed, str(ctx.device), time.perf_counter() - started)

@@ -1,0 +1,546 @@
+"""The interactive workbench: decision replay against real plans, Pilot tests of every screen and
+of the main flow (open → inspect → prune with SR-GKP → step through a beam decision → start and
+cancel a fine-tune), jobs, error paths, the shared checkpoint, and SVG snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Input, Select, Static
+from torch import nn
+
+from engine.common.errors import ConfigError
+from engine.config import RunConfig
+from engine.formats.checkpoints import save_checkpoint
+from engine.gkp.layers import discover_layers
+from engine.gkp.planner import plan_pruning
+from engine.gkp.prune_config import PruneConfig
+from engine.gkp.smoothness import filter_smoothness, kernel_smoothness
+from engine.gkp.traces import BeamCut, TraceEvent
+from engine.models.architectures import ArchSpec
+from engine.models.cifar_resnet import CifarResNet
+from engine.models.metrics import count_cost
+from engine.models.normalization import Normalization
+from sample_models import SAMPLE_CHECKPOINT, is_sample
+from widgets.heatmap import Heatmap
+from widgets.plots import ComparisonBars, CurvePlot
+from widgets.stepper import StepperView
+from workbench.app import WorkbenchApp, build_config
+from workbench.commands import WorkbenchCommands
+from workbench.jobs import CANCELLED, DONE, FAILED
+from workbench.keys import bindings_markdown
+from workbench.model_scan import inspect_model
+from workbench.model_view import layer_rows
+from workbench.prune_form import FIELDS, apply_form
+from workbench.replay import LayerReplay
+from workbench.screens.decisions import DecisionScreen
+from workbench.screens.help import HelpScreen
+from workbench.screens.jobs import JobsScreen
+from workbench.screens.layer import LayerScreen
+from workbench.screens.normalization import NormalizationScreen
+from workbench.screens.overview import OverviewScreen
+from workbench.screens.prune import PruneScreen
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 16  # small inputs keep pruning checks, evaluation and fine-tuning fast
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, untrained CIFAR ResNet-20 for 1-channel digits, as a workbench checkpoint."""
+    torch.manual_seed(0)
+    spec = ArchSpec("cifar_resnet", "resnet20", {
+        "depth": 20, "naming": "layer", "shortcut": "A", "num_classes": 10, "in_channels": 1, "width": 16,
+    })
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20_test.pt"
+    save_checkpoint(path, CifarResNet(20, num_classes=10, in_channels=1), spec, Normalization((0.2,), (0.3,)))
+    return path
+
+
+def make_config(checkpoint: Path | None, **extra: Any) -> RunConfig:
+    overrides = {
+        "run.device": "cpu", "finetune.device": "cpu", "data.image_size": IMAGE_SIZE,
+        "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
+        "finetune.batch_size": 128, "deploy.form": "grouped", **extra,
+    }
+    if checkpoint is not None:
+        overrides["model.checkpoint"] = str(checkpoint)
+    return build_config(None, overrides)
+
+
+async def settle(app: WorkbenchApp, pilot: Pilot[Any]) -> None:
+    """Wait for every worker and the messages they posted (the open job starts once the first
+    frame is up, so wait for it to exist first)."""
+    while not app.jobs:
+        await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 16, 1),
+    )
+
+
+def plan_with_events(config: PruneConfig, snapshots: dict[int, dict[str, torch.Tensor]] | None = None
+                     ) -> tuple[Any, list[TraceEvent]]:
+    events: list[TraceEvent] = []
+    plan = plan_pruning(tiny_model(), config, snapshots=snapshots, on_event=events.append)
+    return plan, events
+
+
+def events_by_layer(events: list[TraceEvent]) -> dict[str, list[TraceEvent]]:
+    out: dict[str, list[TraceEvent]] = {}
+    for event in events:
+        out.setdefault(event.layer, []).append(event)
+    return out
+
+
+def fake_snapshots(model: nn.Module, epochs: range) -> dict[int, dict[str, torch.Tensor]]:
+    """Weights drifting towards the final ones, as training snapshots do."""
+    generator = torch.Generator().manual_seed(2)
+    state = model.state_dict()
+    return {
+        epoch: {k: v + (len(epochs) - i) * 0.01 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+        for i, epoch in enumerate(epochs)
+    }
+
+
+# ---- decision replay ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    PruneConfig(groups=4),
+    PruneConfig(groups=4, trace_level="full", include_pointwise=True),
+    PruneConfig(groups=4, grouping="random", selection="l2"),
+    PruneConfig(groups=4, grouping="cluster:kpca", selection="greedy"),
+    PruneConfig(groups=2, grouping="smoothness-snaking", selection="least-smooth", rate=0.5),
+], ids=["sr-gkp", "sr-gkp-full-pointwise", "random-l2", "kpca-greedy", "least-smooth"])
+def test_replay_ends_in_the_plan(config: PruneConfig) -> None:
+    plan, events = plan_with_events(config)
+    by_layer = events_by_layer(events)
+    for layer in plan.layers:
+        replay = LayerReplay(by_layer[layer.name])
+        assert replay.final_groups == tuple(tuple(g) for g in layer.filter_groups)
+        assert replay.final_kept == tuple(tuple(k) for k in layer.kept_channels)
+        for position in range(len(replay.steps)):
+            frame = replay.frame(position)
+            assert frame.title and frame.position == position
+    for skipped in plan.skipped:
+        frame = LayerReplay(by_layer[skipped.name]).frame(0)
+        assert frame.stage == "skipped" and skipped.reason in frame.notes
+
+
+def test_replay_of_tmi_vote_ends_in_the_plan() -> None:
+    config = PruneConfig(method="tmi-gkp", groups=4, ticket_window=(0, 2), tmi_schemes=["kpca", "spectral"])
+    plan, events = plan_with_events(config, fake_snapshots(tiny_model(), range(0, 3)))
+    replay = LayerReplay(events_by_layer(events)[plan.layers[0].name])
+    stages = [replay.frame(i).stage for i in range(len(replay.steps))]
+    assert stages.count("TMI ticket") == 3 and "TMI vote" in stages and "TMI clustering" in stages
+    vote = replay.frame(stages.index("TMI vote"))
+    assert vote.table is not None and sum(int(row[1]) for row in vote.table.rows) == 3
+    assert replay.final_groups == tuple(tuple(g) for g in plan.layers[0].filter_groups)
+    assert replay.final_kept == tuple(tuple(k) for k in plan.layers[0].kept_channels)
+
+
+def test_snaking_deals_one_filter_per_step() -> None:
+    plan, events = plan_with_events(PruneConfig(groups=4))
+    replay = LayerReplay(events_by_layer(events)[plan.layers[0].name])
+    first = replay.first_of("snake_deal")
+    assert first is not None
+    for rank in range(16):
+        frame = replay.frame(first + rank)
+        assert frame.stage == "snaking" and frame.groups is not None
+        assert sum(len(g) for g in frame.groups) == rank + 1
+        assert frame.table is not None and "current" in frame.table.marks
+    assert replay.steps[first + 15].decision and not replay.steps[first + 14].decision
+    assert replay.next_decision(first) == first + 15
+    assert replay.previous_decision(first + 15) < first
+
+
+def test_beam_cut_frame_shows_every_candidate() -> None:
+    plan, events = plan_with_events(PruneConfig(groups=4))
+    replay = LayerReplay(events_by_layer(events)[plan.layers[1].name])
+    position = replay.first_of("beam_cut")
+    assert position is not None
+    event = replay.steps[position].event
+    assert isinstance(event, BeamCut)
+    frame = replay.frame(position)
+    assert frame.table is not None and len(frame.table.rows) == len(event.candidates)
+    assert frame.table.marks == tuple("keep" if c.survived else "cut" for c in event.candidates)
+    assert frame.focus_group == event.group
+
+
+# ---- model view, forms and keys ----------------------------------------------------------
+
+
+def test_inspect_model_matches_the_engine() -> None:
+    model = tiny_model()
+    info = inspect_model(model, count_cost(model, (1, 3, 16, 16)), power=2)
+    weight = model[4].weight
+    assert set(info.smoothness) == {"0", "2", "4", "5"}
+    assert np.allclose(info.smoothness["4"], kernel_smoothness(weight).numpy(), rtol=1e-6)
+    assert np.array_equal(info.filter_smoothness["4"], filter_smoothness(weight).numpy())
+    assert info.params["4"] == sum(p.numel() for p in model[4].parameters()) and info.in_channels["4"] == weight.shape[1]
+    plan, _ = plan_with_events(PruneConfig(groups=4))
+    rows = {r.name: r for r in layer_rows(discover_layers(model, groups=4), info, plan)}
+    assert rows["0"].status == "skipped" and "stem" in (rows["0"].reason or "")
+    assert rows["4"].status == "pruned" and rows["4"].ratio == plan.layer("4").achieved_ratio
+    assert rows["5"].status == "skipped"  # pointwise, left out of this plan
+
+
+
+
+def test_prune_form_is_validated_by_the_engine() -> None:
+    config = make_config(None)
+    texts = {"prune.rate": "0.5", "prune.groups": "4", "prune.ticket_window": "1,3", "prune.beta": "auto"}
+    updated = apply_form(config, texts)
+    assert (updated.prune.rate, updated.prune.groups, updated.prune.ticket_window) == (0.5, 4, (1, 3))
+    assert config.prune.rate == 0.4375  # the original is untouched
+    with pytest.raises(ConfigError, match="Rate must be a number"):
+        apply_form(config, {"prune.rate": "lots"})
+    with pytest.raises(ConfigError, match="rate"):
+        apply_form(config, {"prune.rate": "1.5"})
+    assert {f.key for f in FIELDS} >= {"prune.method", "prune.rate", "prune.groups", "model.snapshots"}
+
+
+def test_build_config_applies_overrides_and_rejects_bad_keys(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('[prune]\nrate = 0.25\n', encoding="utf-8")
+    config = build_config(toml, {"prune.groups": 4})
+    assert (config.prune.rate, config.prune.groups) == (0.25, 4)
+    with pytest.raises(ConfigError):
+        build_config(None, {"prune.nonsense": 1})
+
+
+def test_docs_key_bindings_match_the_app() -> None:
+    docs = (REPO / "docs" / "TUI.md").read_text(encoding="utf-8")
+    assert bindings_markdown() in docs
+
+
+# ---- screens -----------------------------------------------------------------------------
+
+
+async def test_main_flow(checkpoint: Path) -> None:
+    # Far more epochs than could finish before the ctrl+g that follows "f" lands.
+    app = WorkbenchApp(make_config(checkpoint, **{"finetune.epochs": 1000}))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, OverviewScreen)
+        table = app.screen.query_one("#layers", DataTable)
+        assert table.row_count == 19
+        assert dict(app.summary_lines())["Model"].startswith("CIFAR ResNet-20")
+
+        await pilot.press("down", "enter")
+        assert isinstance(app.screen, LayerScreen) and app.screen.layer_name == "layer1.0.conv1"
+        heatmap = app.screen.query_one(Heatmap)
+        assert heatmap.data is not None and heatmap.data.values.shape == (16, 16) and heatmap.data.kept is None
+
+        await pilot.press("escape", "p")
+        assert isinstance(app.screen, PruneScreen)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        plan = app.session.plan
+        assert plan is not None and plan.method == "sr-gkp" and len(plan.layers) == 18
+        metrics = app.screen.query_one("#prune-metrics", DataTable)
+        assert metrics.get_row_at(1)[0] == "MACs" and metrics.get_row_at(1)[3].startswith("-")
+        assert "✓" in str(app.screen.query_one("#prune-checks", Static).render())
+
+        await pilot.press("o")
+        app.open_layer("layer2.0.conv2")
+        await pilot.pause()
+        heatmap = app.screen.query_one(Heatmap)
+        layer = plan.layer("layer2.0.conv2")
+        assert heatmap.data is not None and heatmap.data.kept is not None
+        assert heatmap.data.kept.sum() == len(layer.filter_groups[0]) * layer.kept * layer.groups
+
+        await pilot.press("d")
+        assert isinstance(app.screen, DecisionScreen)
+        view = app.screen.query_one(StepperView)
+        for _ in range(len(app.screen.replay.steps)):
+            if view.frame is not None and view.frame.stage == "beam cut":
+                break
+            await pilot.press("n")
+        assert view.frame is not None and view.frame.stage == "beam cut"
+        event = app.screen.replay.steps[app.screen.position].event
+        assert isinstance(event, BeamCut)
+        assert view.query_one("#stepper-table", DataTable).row_count == len(event.candidates)
+        await pilot.press("end")
+        assert view.frame.groups == tuple(tuple(g) for g in layer.filter_groups)
+        assert view.frame.kept == tuple(tuple(k) for k in layer.kept_channels)
+
+        await pilot.press("escape", "escape", "j")
+        assert isinstance(app.screen, JobsScreen)
+        await pilot.press("f", "ctrl+g")
+        await settle(app, pilot)
+        job = app.latest_job("finetune")
+        assert job is not None and job.status == CANCELLED
+        assert app.session.finetuned is None
+
+
+async def test_stepper_plays_and_steps(checkpoint: Path) -> None:
+    plan, events = plan_with_events(PruneConfig(groups=4))
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        name = plan.layers[0].name
+        app.push_screen(DecisionScreen(name, events_by_layer(events)[name]))
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, DecisionScreen)
+        await pilot.press("right", "right", "left")
+        assert screen.position == 1
+        await pilot.press("space")
+        assert screen.playing
+        await pilot.press("space")
+        assert not screen.playing
+        await pilot.press("end")
+        assert screen.position == len(screen.replay.steps) - 1
+        assert screen.query_one(StepperView).frame.stage == "layer done"
+        await pilot.press("N")
+        assert screen.position == screen.replay.previous_decision(len(screen.replay.steps) - 1)
+        assert screen.query_one(StepperView).frame.stage == "final choice"
+
+
+async def test_pruning_can_be_cancelled(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        assert isinstance(app.screen, PruneScreen)
+        app.screen.action_run()
+        app.action_cancel_jobs()  # in the same turn: the worker has barely started
+        await settle(app, pilot)
+        job = app.latest_job("prune")
+        assert job is not None and job.status == CANCELLED
+        assert app.session.outcome is None and app.session.plan is None
+        assert "cancelled" in str(app.screen.query_one("#prune-status", Static).render())
+
+
+async def test_jobs_evaluate_and_finetune(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint, **{"finetune.epochs": 1}))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("j", "e")
+        await settle(app, pilot)
+        assert app.latest_job("evaluate").status == DONE  # type: ignore[union-attr]
+        attacks = app.screen.query_one("#attack-table", DataTable)
+        assert attacks.row_count == 4 and [str(c.label) for c in attacks.columns.values()] == ["attack", "unpruned"]
+        bars = app.screen.query_one(ComparisonBars)
+        assert bars.categories[0] == "benign" and list(bars.models) == ["unpruned"]
+        assert bars.title_text == "accuracy % on 8 test examples"
+
+        await pilot.press("f")
+        await settle(app, pilot)
+        assert app.latest_job("finetune").status == DONE  # type: ignore[union-attr]
+        assert app.session.finetuned is not None and len(app.session.epochs) == 1
+        loss = app.screen.query_one("#loss-plot", CurvePlot).series["train loss"]
+        assert loss[0] and loss[0][-1] == pytest.approx(1.0)
+        accuracy = app.screen.query_one("#acc-plot", CurvePlot).series
+        assert accuracy["val benign"][0] == [1.0]
+
+
+async def test_bad_input_is_a_notification_not_a_crash(tmp_path: Path, checkpoint: Path) -> None:
+    missing = WorkbenchApp(make_config(tmp_path / "nope.pt"))
+    async with missing.run_test(size=(80, 24)) as pilot:
+        await settle(missing, pilot)
+        assert missing.latest_job("open").status == FAILED  # type: ignore[union-attr]
+        assert "nope.pt" in str(missing.screen.query_one("#summary", Static).render())
+        assert any("nope.pt" in n.message for n in missing._notifications)
+
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        rate = app.screen.query_one("#field-prune-rate", Input)
+        rate.value = "2"
+        await pilot.pause()
+        assert "rate" in str(app.screen.query_one("#form-status", Static).render())
+        await pilot.press("ctrl+r")
+        assert app.latest_job("prune") is None
+        await pilot.press("ctrl+s")
+        assert any("Nothing to save" in n.message for n in app._notifications)
+        rate.value = "0.5"
+        app.screen.query_one("#field-prune-method", Select).value = "tmi-gkp"
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        job = app.latest_job("prune")
+        assert job is not None and job.status == FAILED and "snapshots" in (job.error or "")
+        assert any("snapshots" in n.message for n in app._notifications)
+
+
+async def test_save_writes_model_plan_and_trace(tmp_path: Path, checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint))
+    target = tmp_path / "out" / "pruned.pt"
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p", "ctrl+r")
+        await settle(app, pilot)
+        app.screen.query_one("#save-path", Input).value = str(target)
+        await pilot.press("ctrl+s")
+        await settle(app, pilot)
+        assert app.latest_job("save").status == DONE  # type: ignore[union-attr]
+    assert target.is_file() and target.with_suffix(".plan.json").is_file()
+    assert target.with_suffix(".decisions.jsonl").is_file()
+
+    reopened = WorkbenchApp(make_config(target))
+    async with reopened.run_test(size=(100, 32)) as pilot:
+        await settle(reopened, pilot)
+        rows = reopened.session.rows()
+        assert sum(r.status == "pruned" for r in rows) == 18
+        row = next(r for r in rows if r.name == "layer3.0.conv2")  # dense shape, grouped size
+        assert (row.out_channels, row.in_channels) == (64, 64) and row.params == 64 * row.kept * 9
+        heat = reopened.session.info.smoothness[row.name]  # type: ignore[union-attr]
+        assert heat.shape == (64, 64) and int((heat == 0).sum()) == 64 * (64 - row.kept)  # type: ignore[operator]
+        assert reopened.session.events  # the saved trace comes back with the checkpoint
+        reopened.open_decisions("layer3.0.conv2")
+        await pilot.pause()
+        assert isinstance(reopened.screen, DecisionScreen)
+
+
+async def test_overview_filters_and_sorts(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, OverviewScreen)
+        table = screen.query_one("#layers", DataTable)
+        await pilot.press("slash", *"layer3", "enter")
+        assert table.row_count == 6 and screen.selected_layer() == "layer3.0.conv1"
+        await pilot.press("escape")
+        assert table.row_count == 19
+        await pilot.press("s", "s", "s", "s", "s")  # order, name, params, MACs, MACs after, smoothness
+        smooth = [r.mean_smoothness for r in app.session.rows()]
+        assert table.get_row_at(0)[4] == f"{min(smooth):.4g}"  # column 4: mean smoothness
+        assert screen.selected_layer() == "layer3.0.conv1"  # the cursor stays on its layer
+        await pilot.press("r")
+        assert table.get_row_at(0)[4] == f"{max(smooth):.4g}"
+        await pilot.press("slash", *"skipped", "enter")
+        assert table.row_count == 1 and table.get_row_at(0)[0] == "conv1"
+
+
+async def test_palette_and_help_cover_every_action(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        titles = [c.title for c in app.palette_commands()]
+        for action in ("Run pruning", "Save pruned model", "Fine-tune", "Evaluate robustness", "Cancel jobs", "Help"):
+            assert action in titles
+        assert "Inspect layer layer3.2.conv2" in titles
+        provider = WorkbenchCommands(app.screen)
+        hits = [hit async for hit in provider.search("inspect layer3.2.conv2")]
+        assert hits and hits[0].text == "Inspect layer layer3.2.conv2"
+        hits[0].command()
+        await pilot.pause()
+        assert isinstance(app.screen, LayerScreen) and app.screen.layer_name == "layer3.2.conv2"
+        commands = {c.title: c for c in app.palette_commands()}
+        await commands["Prune settings"].callback()
+        assert isinstance(app.screen, PruneScreen)
+        await commands["Overview"].callback()
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, LayerScreen)
+
+
+async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(shared_checkpoint))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        assert app.session.open_error is None
+        assert app.session.workspace is not None
+        assert app.session.workspace.normalization_source.startswith("unknown")
+        assert len(app.session.rows()) == 19
+        await pilot.press("j", "e")
+        assert isinstance(app.screen, NormalizationScreen)
+        await pilot.press(*"imagenet", "enter")
+        assert app.session.workspace.normalization.mean == (0.485, 0.456, 0.406)
+        job = app.latest_job("evaluate")
+        assert job is not None
+        await pilot.press("ctrl+g")
+        await settle(app, pilot)
+        assert job.status in (CANCELLED, DONE)
+
+
+@pytest.mark.skipif(not SAMPLE_CHECKPOINT.is_file(), reason="the bundled sample model is not built yet")
+async def test_opens_the_bundled_sample() -> None:
+    app = WorkbenchApp(make_config(None))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert app.session.workspace is not None and is_sample(app.session.workspace.checkpoint.path)
+        assert app.session.rows()
+
+
+# ---- snapshots (80x24) -------------------------------------------------------------------
+
+
+def _snapshot_app(checkpoint: Path) -> WorkbenchApp:
+    return WorkbenchApp(make_config(checkpoint))
+
+
+def test_snapshot_overview(snap_compare: Any, checkpoint: Path) -> None:
+    app = _snapshot_app(checkpoint)
+
+    async def ready(pilot: Pilot[Any]) -> None:
+        await settle(app, pilot)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_layer_inspector(snap_compare: Any, checkpoint: Path) -> None:
+    app = _snapshot_app(checkpoint)
+
+    async def inspect(pilot: Pilot[Any]) -> None:
+        await settle(app, pilot)
+        app.open_layer("layer2.0.conv2")
+        await pilot.pause()
+        await pilot.press("down", "right")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=inspect)
+
+
+def test_snapshot_decision_stepper(snap_compare: Any, checkpoint: Path) -> None:
+    app = _snapshot_app(checkpoint)
+
+    async def step(pilot: Pilot[Any]) -> None:
+        await settle(app, pilot)
+        await pilot.press("p", "ctrl+r")
+        await settle(app, pilot)
+        await pilot.press("o")
+        app.open_decisions("layer2.0.conv2")
+        await pilot.pause()
+        await pilot.press("n", "n", "n")
+        app.clear_notifications()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=step)
+
+
+def test_snapshot_prune_form(snap_compare: Any, checkpoint: Path) -> None:
+    app = _snapshot_app(checkpoint)
+
+    async def form(pilot: Pilot[Any]) -> None:
+        await settle(app, pilot)
+        await pilot.press("p")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=form)
+
+
+def test_snapshot_help(snap_compare: Any, checkpoint: Path) -> None:
+    app = _snapshot_app(checkpoint)
+
+    async def help_screen(pilot: Pilot[Any]) -> None:
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=help_screen)

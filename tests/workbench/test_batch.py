@@ -1,0 +1,224 @@
+"""Headless batch mode end to end: outputs, report consistency, exit codes, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.formats.checkpoints import load_checkpoint
+from engine.gkp.plan import PrunePlan
+from workbench import batch
+from workbench.cli import main
+
+QUICK = ["--epochs", "1", "--max-examples", "48"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small evaluation settings so each end-to-end run takes seconds."""
+    path = tmp_path_factory.mktemp("config") / "quick.toml"
+    path.write_text(
+        "[evaluate]\nthresholds = [8]\nseverities = [3]\nbatch_size = 48\n"
+        "[deploy]\nform = \"grouped\"\n"
+    )
+    return path
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("method", ["sr-gkp", "tmi-gkp"])
+def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, stdout, stderr = run(["--batch", "--method", method, "--config", str(quick_config),
+                                "--out", str(out), "--json", *QUICK], capsys)
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    for name in ("plan.json", "decisions.jsonl", "pruned.pt", "finetuned.pt", "config.toml", "log.txt",
+                 "finetune/last.pt", "finetune/best_benign.pt"):
+        assert (out / name).is_file(), name
+    prune, model = report["prune"], report["model"]
+    assert report["stages_completed"] == ["prune", "finetune", "evaluate"]
+    assert prune["method"] == method and model["params"] == prune["params_before"]
+    assert prune["params_after"] < model["params"] and prune["macs_after"] < model["macs"]
+    assert prune["macs_reduction"] == pytest.approx(1 - prune["macs_after"] / model["macs"])
+    assert 0.35 < prune["macs_reduction"] < 0.45  # 43.75% of the 18 pruned layers' MACs
+    assert prune["equivalence_max_abs_err"] < 1e-4
+    assert [s["name"] for s in prune["layers_skipped"]] == ["conv1"]
+    plan = PrunePlan.load(out / "plan.json")
+    assert len(plan.layers) == len(prune["layers"]) == 18
+    assert all(layer.kept == round(0.5625 * layer.in_channels) for layer in plan.layers)
+    evaluation = report["evaluate"]
+    assert evaluation["n_examples"] == 48 and set(evaluation["attacks"]) == {"fgsm-0.01", "fgsm-0.1", "pgd-8/255"}
+    assert all(0 <= acc <= evaluation["clean_acc"] for acc in evaluation["attacks"].values())
+    assert evaluation["baseline"]["clean_acc"] > 0.9  # the unpruned sample model
+    assert report["deploy"]["latency_ms"]["original"] > 0 and report["environment"]["packages"]["torch"]
+    reopened = load_checkpoint(out / "pruned.pt")
+    assert PrunePlan.from_dict(reopened.plan).to_json() == plan.to_json()
+    first_line = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
+    assert first_line["kind"] in {"layer_skipped", "layer_start"}
+
+
+def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = run(["--batch", "--stages", "prune", "--config", str(quick_config),
+                                "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, stderr
+    assert "MACs after" in stdout and "equivalence max |err|" in stdout
+    assert "[prune] 18/18" in stderr  # plain progress lines when stderr is not a terminal
+
+
+def test_shared_checkpoint_with_normalization(shared_checkpoint: Path, tmp_path: Path, quick_config: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, stdout, stderr = run([str(shared_checkpoint), "--batch", "--stages", "prune,evaluate",
+                                "--normalize", "imagenet", "--config", str(quick_config),
+                                "--out", str(out), "--json", "--max-examples", "16"], capsys)
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["model"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert report["model"]["normalization"]["source"] == "set by the user"
+    assert report["model"]["params"] == 269_722 and report["data"]["channels"] == 3
+    again = load_checkpoint(out / "pruned.pt")
+    assert again.normalization is not None and again.normalization.mean == (0.485, 0.456, 0.406)
+
+
+def test_reopen_pruned_model_in_batch(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = tmp_path / "first"
+    assert run(["--batch", "--stages", "prune", "--config", str(quick_config), "--out", str(first)], capsys)[0] == 0
+    code, stdout, stderr = run([str(first / "pruned.pt"), "--batch", "--stages", "evaluate", "--config",
+                                str(quick_config), "--out", str(tmp_path / "second"), "--json", "--max-examples", "16"], capsys)
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["model"]["params"] < 200_000  # the pruned model, not the dense one
+    assert "baseline" not in report["evaluate"]
+
+
+def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    foreign = tmp / "mlp.pt"
+    torch.save({"fc1.weight": torch.zeros(4, 3), "fc2.weight": torch.zeros(2, 4)}, foreign)
+    toml = tmp / "bad.toml"
+    toml.write_text("[prune\nrate = 1\n")
+    unknown = tmp / "unknown.toml"
+    unknown.write_text("[prune]\nrat = 0.5\n")
+    return {
+        "missing file": ([str(tmp / "nope.pt")], "does not exist"),
+        "corrupt file": ([str(corrupt)], "corrupt"),
+        "unknown arch": ([str(foreign)], "architecture"),
+        "rate out of range": (["--rate", "1.5"], "rate"),
+        "groups not dividing": (["--groups", "7"], "groups"),
+        "bad TOML": (["--config", str(toml)], "not valid TOML"),
+        "unknown key": (["--config", str(unknown)], "unknown key 'rat'"),
+        "bad attack": (["--attacks", "fgsn:eps=0.1"], "fgsn"),
+        "bad data": (["--data", "mnist"], "digits"),
+        "missing normalisation": ([], "normalisation"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "corrupt file", "unknown arch", "rate out of range",
+                                  "groups not dividing", "bad TOML", "unknown key", "bad attack", "bad data"])
+def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args, phrase = _bad_checkpoint_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    code, stdout, stderr = run([*args, "--batch", "--out", str(out)], capsys)
+    assert code == 2
+    assert phrase in stderr and stderr.startswith("error: ") and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_normalisation_and_snapshots(shared_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, stderr = run([str(shared_checkpoint), "--batch", "--out", str(out)], capsys)
+    assert code == 2 and "normalisation" in stderr and not out.exists()
+    code, _, stderr = run([str(shared_checkpoint), "--batch", "--method", "tmi-gkp", "--stages", "prune",
+                           "--out", str(out)], capsys)
+    assert code == 2 and "snapshots" in stderr and not out.exists()
+    code, _, stderr = run(["--batch", "--method", "tmi-gkp", "--stages", "prune", "--snapshots",
+                           str(tmp_path), "--out", str(out)], capsys)
+    assert code == 2 and "snapshot" in stderr and not out.exists()
+
+
+def test_existing_output_needs_force(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["--batch", "--stages", "prune", "--config", str(quick_config), "--out", str(out)]
+    assert run(args, capsys)[0] == 0
+    code, _, stderr = run(args, capsys)
+    assert code == 2 and "--force" in stderr
+    assert run([*args, "--force"], capsys)[0] == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    code, _, stderr = run(["--batch", "--stages", "prune", "--out", str(foreign), "--force"], capsys)
+    assert code == 2 and "refusing" in stderr and (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_internal_error_exits_1_with_traceback_only_in_log(tmp_path: Path, quick_config: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(batch.pipeline, "evaluate", broken)
+    out = tmp_path / "run"
+    code, _, stderr = run(["--batch", "--stages", "prune,evaluate", "--config", str(quick_config),
+                           "--out", str(out)], capsys)
+    assert code == 1
+    assert "simulated bug" in stderr and "Traceback" not in stderr
+    assert "Traceback" in (out / "log.txt").read_text()
+    assert json.loads((out / "state.json").read_text())["completed"] == ["prune"]
+
+
+def test_interrupt_exits_130_and_resume_finishes(tmp_path: Path, quick_config: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "workbench", "--batch", "--config", str(quick_config), "--out", str(out),
+               "--epochs", "2", "--max-examples", "16"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith("[finetune]"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, rest = process.communicate(timeout=300)
+    assert process.returncode == 130, rest
+    assert f"--resume {out}" in rest
+    state = json.loads((out / "state.json").read_text())
+    assert state["completed"] == ["prune"]
+    assert json.loads((out / "report.json").read_text())["stages_completed"] == ["prune"]
+    resumed = subprocess.run([sys.executable, "-m", "workbench", "--resume", str(out), "--json"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["stages_completed"] == ["prune", "finetune", "evaluate"]
+    assert len(report["finetune"]["history"]) == 2
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path, quick_config: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--batch", "--stages", "evaluate", "--config", str(quick_config), "--max-examples", "32",
+              "--attacks", "fgsm:eps=0.01;fgsm:eps=0.1", "--json"]
+    single = subprocess.run([sys.executable, "-m", "workbench", *common, "--out", str(tmp_path / "one")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "workbench"]
+    double = subprocess.run([*launcher, *common, "--out", str(tmp_path / "two")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr
+    one, two = json.loads(single.stdout)["evaluate"], json.loads(double.stdout)["evaluate"]
+    assert two["n_examples"] == one["n_examples"] == 32
+    assert two["clean_acc"] == one["clean_acc"] and two["attacks"] == one["attacks"]  # FGSM is deterministic
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["evaluate"]["attacks"] == one["attacks"]
