@@ -10,14 +10,15 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-## Prune, fine-tune and evaluate the bundled sample model headless; outputs in runs/sample.
+## Prune, fine-tune and evaluate the bundled sample model headless; outputs in the next free
+## runs/sample-N folder.
 run: $(STAMP)
-	$(BIN)/gkp-workbench --batch --out runs/sample --force
+	$(BIN)/gkp-workbench --batch
 
 ## Open the interactive workbench on the bundled sample model.
 tui: $(STAMP)

@@ -12,6 +12,8 @@ from typing import Any
 
 import tomli_w
 
+from .common.checks import MAX_SEED, flag, one_of, texts, whole, wholes, within
+from .common.devices import check_device
 from .common.errors import ConfigError
 from .common.fileio import write_text_atomic
 from .gkp.prune_config import PruneConfig
@@ -20,6 +22,9 @@ from .training.finetune_config import FinetuneConfig
 
 STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
 DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
+MAX_IMAGE_SIZE = 1024
+MAX_LATENCY_BATCH = 1024
+MAX_EVAL_BATCH = 65_536
 
 
 @dataclass
@@ -43,10 +48,8 @@ class DataSection:
     image_size: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.image_size < 0:
-            raise ConfigError("data.image_size must be 0 (dataset default) or a positive size")
+        within("data.val_fraction", self.val_fraction, 0.0, 0.5, low_open=True, high_open=True)
+        whole("data.image_size", self.image_size, 0, MAX_IMAGE_SIZE)
 
 
 @dataclass
@@ -57,10 +60,8 @@ class DeploySection:
     latency_batch: int = 1
 
     def validate(self) -> None:
-        if self.form not in DEPLOY_FORMS:
-            raise ConfigError(f"deploy.form must be one of {', '.join(DEPLOY_FORMS)}, got {self.form!r}")
-        if self.latency_batch < 1:
-            raise ConfigError("deploy.latency_batch must be at least 1")
+        one_of("deploy.form", self.form, DEPLOY_FORMS)
+        whole("deploy.latency_batch", self.latency_batch, 1, MAX_LATENCY_BATCH)
 
 
 @dataclass
@@ -78,12 +79,14 @@ class EvaluateSection:
     severities: list[int] = field(default_factory=lambda: [1, 3, 5])
 
     def validate(self) -> None:
-        if self.eps_space not in EPS_SPACES:
-            raise ConfigError(f"evaluate.eps_space must be pixel or normalized, got {self.eps_space!r}")
-        if self.max_examples < 0 or self.batch_size < 1:
-            raise ConfigError("evaluate.max_examples must be >= 0 (0 = all) and batch_size >= 1")
-        if any(not 1 <= s <= 5 for s in self.severities):
-            raise ConfigError("evaluate.severities must be between 1 and 5")
+        texts("evaluate.attacks", self.attacks)
+        one_of("evaluate.eps_space", self.eps_space, EPS_SPACES)
+        whole("evaluate.max_examples", self.max_examples, 0)
+        whole("evaluate.batch_size", self.batch_size, 1, MAX_EVAL_BATCH)
+        for name in ("baseline", "frequency", "corruption"):
+            flag(f"evaluate.{name}", getattr(self, name))
+        wholes("evaluate.thresholds", self.thresholds, 1, non_empty=self.frequency)
+        wholes("evaluate.severities", self.severities, 1, 5, non_empty=self.corruption)
 
 
 @dataclass
@@ -95,9 +98,11 @@ class RunSection:
     seed: int = 0
 
     def validate(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown or not self.stages:
-            raise ConfigError(f"run.stages takes a non-empty subset of {', '.join(STAGES)}; got {self.stages}")
+        texts("run.stages", self.stages, non_empty=True, distinct=True)
+        for stage in self.stages:
+            one_of("each of run.stages", stage, STAGES)
+        check_device(self.device, "run.device")
+        whole("run.seed", self.seed, 0, MAX_SEED)
 
 
 def _default_attacks() -> list[str]:

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 from engine import pipeline
 from engine.common.errors import Cancelled, ConfigError, WorkbenchError
 from engine.common.fileio import AtomicJsonLines, write_json_atomic
-from engine.common.progress import Progress
+from engine.common.progress import Progress, ProgressCallback
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
 from engine.report import build_report
@@ -35,29 +36,71 @@ log = logging.getLogger("gkp-workbench")
 
 
 class ProgressPrinter:
-    """Progress on stderr: a redrawn bar on a terminal, a plain line per step otherwise."""
+    """Progress on stderr, one line per stage and model: redrawn in place with a bar and ETA on a
+    terminal; otherwise a plain line when a stage starts, at every tenth of the way and at its end."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
         self.tty = stream.isatty()
-        self._last: tuple[str, int] | None = None
+        self.clock = clock
+        self._key: tuple[str, str] | None = None
+        self._started = 0.0
+        self._tenths = -1
+        self._open_line = False
 
-    def __call__(self, event: Progress) -> None:
-        key = (event.stage, event.done)
-        if key == self._last:
-            return
-        self._last = key
-        total = f"/{event.total}" if event.total else ""
-        text = f"[{event.stage}] {event.done}{total} {event.message}".rstrip()
-        if self.tty and event.fraction is not None:
-            filled = int(24 * event.fraction)
-            bar = "#" * filled + "-" * (24 - filled)
-            self.stream.write(f"\r{text[:60]:<60} |{bar}| {100 * event.fraction:5.1f}%")
-            if event.fraction >= 1.0:
-                self.stream.write("\n")
+    def about(self, subject: str) -> ProgressCallback:
+        """A progress callback whose lines name `subject` (e.g. "pruned model")."""
+        return lambda event: self.show(subject, event)
+
+    def show(self, subject: str, event: Progress) -> None:
+        key = (event.stage, subject)
+        now = self.clock()
+        if key != self._key:
+            self.end_line()
+            self._key, self._started, self._tenths = key, now, -1
+        fraction = event.fraction
+        elapsed = now - self._started
+        label = f"[{event.stage}] {subject}"
+        if fraction is None:
+            text = f"{label}: {event.message}".rstrip(": ")
         else:
+            eta = elapsed / fraction * (1 - fraction) if fraction > 0 else None
+            timing = f"{_clock_text(elapsed)} elapsed" + ("" if eta is None or fraction >= 1 else f", ETA {_clock_text(eta)}")
+            text = f"{label} {100 * fraction:5.1f}% ({timing}) {event.message}".rstrip()
+        if self.tty:
+            bar = "" if fraction is None else "|" + "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction)) + "| "
+            self.stream.write(f"\r\033[K{bar}{text}")
+            self._open_line = True
+            if fraction is not None and fraction >= 1:
+                self.end_line()
+        else:
+            tenths = -2 if fraction is None else int(10 * fraction)
+            if tenths == self._tenths and tenths != -2:
+                return
+            self._tenths = tenths
             self.stream.write(text + "\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """Close a line left open by a terminal redraw."""
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def next_run_folder(parent: Path, name: str) -> Path:
+    """The first `parent/name-N` (N = 1, 2, ...) that does not exist yet, so a second run never
+    fails or overwrites because an earlier one is there."""
+    number = 1
+    while (parent / f"{name}-{number}").exists():
+        number += 1
+    return parent / f"{name}-{number}"
 
 
 def check_output(out: Path, *, force: bool) -> bool:
@@ -139,6 +182,9 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
         if main:
             pipeline.save_model(ws, out / name, model, plan, {"stage": stage})
 
+    def about(subject: str) -> ProgressCallback | None:
+        return None if progress is None else progress.about(subject)
+
     if "prune" in config.run.stages:
         if "prune" in state["completed"]:
             reopened = load_checkpoint(out / "pruned.pt")
@@ -146,7 +192,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
         else:
             with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
                 on_event = writer.write if writer is not None else None
-                outcome = pipeline.prune(ws, on_event=on_event, progress=progress, cancel=cancel)
+                outcome = pipeline.prune(ws, on_event=on_event, progress=about(ws.checkpoint.path.name), cancel=cancel)
             model, plan = outcome.model, outcome.plan
             if main:
                 plan.save(out / "plan.json")
@@ -158,18 +204,28 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
         else:
             resumable = resume and (out / "finetune" / "last.pt").is_file()
             result = pipeline.finetune_model(ws, model, plan, out / "finetune", resume=resumable,
-                                             progress=progress, cancel=cancel)
+                                             progress=about(_model_label(plan, [])), cancel=cancel)
             if not result.completed:
                 raise Cancelled("fine-tuning interrupted")
             save("finetuned.pt", "finetune")
             finish("finetune", {"finetune": pipeline.finetune_section(ws, result)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
-        evaluation = pipeline.evaluate(ws, model, progress=progress, cancel=cancel).to_dict()
+        label = _model_label(plan, state["completed"])
+        evaluation = pipeline.evaluate(ws, model, progress=about(label), cancel=cancel).to_dict()
         if config.evaluate.baseline and plan is not None and "prune" in config.run.stages:
-            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, progress=progress, cancel=cancel).to_dict()
+            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, progress=about("unpruned model"),
+                                                       cancel=cancel).to_dict()
         finish("evaluate", {"evaluate": evaluation})
     log.info("run finished")
+    if progress is not None:
+        progress.end_line()
     return build_report(ws, results, state["completed"])
+
+
+def _model_label(plan: Any, completed: list[str]) -> str:
+    """What the progress lines call the model a stage works on."""
+    kind = "pruned model" if plan is not None else "model"
+    return f"fine-tuned {kind}" if "finetune" in completed else kind
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -193,7 +249,8 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"{lat['original']:.2f} ms -> {lat['pruned']:.2f} ms ({lat['speedup']:.2f}x)"))
     finetune = report.get("finetune")
     if finetune:
-        rows.append(("fine-tune", f"{finetune['epochs']} epochs, {finetune['mode']}, {finetune['seconds']:.1f} s"))
+        epochs = finetune["epochs"]
+        rows.append(("fine-tune", f"{epochs} epoch{'s' if epochs != 1 else ''}, {finetune['mode']}, {finetune['seconds']:.1f} s"))
     ev = report.get("evaluate")
     if ev:
         base = ev.get("baseline")
@@ -229,7 +286,7 @@ def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tu
     use_sample_when_unset(config)
     config.validate()
     name = "sample" if is_sample(config.model.checkpoint) else Path(config.model.checkpoint).stem
-    return config, args.out or Path("runs") / name, False
+    return config, args.out or next_run_folder(Path("runs"), name), False
 
 
 def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -240,7 +297,7 @@ def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     try:
         config, out, resume = _config_from_args(args, overrides)
         started = time.perf_counter()
-        report = run_batch(config, out, resume=resume, force=args.force, progress=ProgressPrinter(sys.stderr), cancel=cancel)
+        report = run_batch(config, out, resume=resume, force=args.force, progress=None if args.quiet else ProgressPrinter(sys.stderr), cancel=cancel)
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
             return EXIT_OK
         if args.json:

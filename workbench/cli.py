@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.common.errors import WorkbenchError
+from engine.config import DEPLOY_FORMS, RunConfig
+from engine.gkp.prune_config import COMPAT_VALUES, METHODS
+from engine.training.finetune_config import MODES
 
 from .exit_codes import EXIT_BAD_INPUT
 
@@ -21,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
 
 
+def _default(dotted: str) -> str:
+    """The documented default of a config key, as `--help` shows it."""
+    table, _, key = dotted.partition(".")
+    value = getattr(getattr(RunConfig(), table), key)
+    if isinstance(value, (list, tuple)):
+        sep = ";" if table == "evaluate" else ","
+        return sep.join(str(v) for v in value) or "none"
+    return "none" if value in ("", None) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gkp-workbench",
@@ -29,32 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes (batch): 0 ok, 2 bad input or config, 130 interrupted (resumable), "
         "1 internal error (traceback in OUT/log.txt). Docs: README.md.",
     )
+
+    def option(flag: str, key: str, text: str, **kwargs: Any) -> None:
+        parser.add_argument(flag, help=f"{text} (default: {_default(key)})", **kwargs)
+
     parser.add_argument("checkpoint", nargs="?", help="checkpoint to open (default: the bundled sample model)")
     parser.add_argument("--batch", action="store_true", help="run the pipeline headless instead of opening the TUI")
-    parser.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
-    parser.add_argument("--out", type=Path, help="output directory for batch mode (default: runs/<checkpoint name>)")
+    parser.add_argument("--config", type=Path, help="TOML run configuration; flags override it (default: none)")
+    parser.add_argument("--out", type=Path, help="output directory for batch mode (default: the next free runs/<checkpoint name>-N)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory of a previous run")
-    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted batch run in DIR")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted batch run in DIR (default: none, start a new run)")
     parser.add_argument("--json", action="store_true", help="print the report JSON on stdout instead of the summary")
-    parser.add_argument("--stages", help="comma-separated subset of prune,finetune,evaluate")
-    parser.add_argument("--method", choices=["sr-gkp", "tmi-gkp"], help="pruning method")
-    parser.add_argument("--grouping", help="override stage-1 grouping for ablations: smoothness-snaking, tmi, random, cluster:kpca|spectral|tsne-dbscan")
-    parser.add_argument("--selection", help="override stage-2 selection for ablations: smooth-beam, greedy, l2, least-smooth, random")
-    parser.add_argument("--rate", type=float, help="fraction of grouped kernels to prune (default 0.4375)")
-    parser.add_argument("--groups", type=int, help="filter groups per layer (default 8)")
-    parser.add_argument("--compat", choices=["paper", "reference"], help="reproduce the authors' code where it differs")
-    parser.add_argument("--snapshots", help="folder of per-epoch training snapshots (TMI-GKP)")
-    parser.add_argument("--data", help="digits | cifar10:PATH | imagefolder:PATH (default digits)")
-    parser.add_argument("--normalize", help="input normalisation: cifar10 | imagenet | none | MEAN,STD | m1,m2,m3/s1,s2,s3")
-    parser.add_argument("--arch", help="architecture override (e.g. resnet56, vgg16_bn, torchvision:resnet50, pkg.mod:factory)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr (batch mode)")
+    option("--stages", "run.stages", "comma-separated subset of prune,finetune,evaluate")
+    option("--method", "prune.method", "pruning method", choices=list(METHODS))
+    parser.add_argument("--grouping", help="override stage-1 grouping for ablations: smoothness-snaking, tmi, random, "
+                        "cluster:kpca|spectral|tsne-dbscan (default: the method's own)")
+    parser.add_argument("--selection", help="override stage-2 selection for ablations: smooth-beam, greedy, l2, "
+                        "least-smooth, random (default: the method's own)")
+    option("--rate", "prune.rate", "fraction of grouped kernels to prune", type=float)
+    option("--groups", "prune.groups", "filter groups per layer", type=int)
+    option("--compat", "prune.compat", "reproduce the authors' code where it differs", choices=list(COMPAT_VALUES))
+    option("--snapshots", "model.snapshots", "folder of per-epoch training snapshots for TMI-GKP; the bundled sample brings its own")
+    option("--data", "data.spec", "digits | cifar10:PATH | imagefolder:PATH")
+    parser.add_argument("--normalize", help="input normalisation: cifar10 | imagenet | none | MEAN,STD | m1,m2,m3/s1,s2,s3 "
+                        "(default: the one stored in the checkpoint)")
+    parser.add_argument("--arch", help="architecture override, e.g. resnet56, vgg16_bn, torchvision:resnet50, "
+                        "pkg.mod:factory (default: inferred from the weights)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of whole-model files (runs code from the file)")
-    parser.add_argument("--form", choices=["grouped", "dense", "auto"], help="deployed form of pruned layers (default auto)")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs")
-    parser.add_argument("--mode", choices=["standard", "fastat", "sam", "asam"], help="fine-tuning mode")
-    parser.add_argument("--attacks", help="semicolon-separated attacks, e.g. 'fgsm:eps=0.01;pgd:eps=8/255,alpha=2/255,steps=3'")
-    parser.add_argument("--max-examples", type=int, help="evaluate on at most N test examples (0 = all)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, help="seed for pruning, data split and fine-tuning")
+    option("--form", "deploy.form", "deployed form of pruned layers", choices=list(DEPLOY_FORMS))
+    option("--epochs", "finetune.epochs", "fine-tuning epochs", type=int)
+    option("--mode", "finetune.mode", "fine-tuning mode", choices=list(MODES))
+    option("--attacks", "evaluate.attacks", "semicolon-separated attacks, e.g. 'fgsm:eps=0.01;pgd:eps=8/255,alpha=2/255,steps=3'")
+    parser.add_argument("--max-examples", type=int, help="evaluate on at most N test examples (default: 0 = all)")
+    option("--device", "run.device", "auto | cpu | cuda | cuda:N")
+    option("--seed", "run.seed", "seed for pruning, data split and fine-tuning", type=int)
     return parser
 
 

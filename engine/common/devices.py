@@ -3,6 +3,7 @@ use, so configs naming `auto` or `cpu` are checked without loading it."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -31,7 +32,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
-def check_device(name: str) -> None:
+def check_device(name: str, key: str = "device") -> None:
     """Refuse a device `resolve_device` would refuse; only names asking for CUDA load torch."""
-    if (name or "auto").strip().lower() not in ("auto", "cpu"):
-        resolve_device(name)
+    text = name.strip().lower() if isinstance(name, str) else None
+    if text is None or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if text.startswith("cuda"):
+        resolve_device(text)

@@ -10,11 +10,29 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: changing the umask to read it is not thread-safe.
+_UMASK = _read_umask()
+
+
+def _temp_beside(target: Path) -> tuple[int, str]:
+    """A temporary file in `target`'s folder with the mode a plain `open` would give (0666 less
+    the umask), so outputs are as readable as any other file the user writes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = _temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -51,8 +69,7 @@ class AtomicJsonLines:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self._tmp = _temp_beside(self.path)
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         self.count = 0
 

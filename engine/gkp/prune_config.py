@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..common.checks import flag, one_of, whole, within
+from ..common.checks import MAX_SEED, flag, one_of, texts, whole, within
 from ..common.errors import ConfigError
 from .traces import TRACE_LEVELS
 
@@ -27,12 +27,10 @@ GROUPINGS: tuple[str, ...] = (
 )
 
 
-def check_rate_and_groups(rate: float, groups: int) -> None:
-    """Reject a pruning rate outside [0, 1) or a group count below 1."""
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ConfigError(f"groups must be a positive integer, got {groups!r}")
-    if not (0.0 <= float(rate) < 1.0):
-        raise ConfigError(f"rate must be in [0, 1), got {rate!r}")
+def check_rate_and_groups(rate: float, groups: int, prefix: str = "") -> None:
+    """Reject a pruning rate outside [0, 1) or a group count below 1; `prefix` names the table."""
+    whole(f"{prefix}groups", groups, 1)
+    within(f"{prefix}rate", rate, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -83,19 +81,14 @@ class PruneConfig:
             one_of("prune.grouping", self.grouping, GROUPINGS)
         if self.selection is not None:
             one_of("prune.selection", self.selection, SELECTIONS)
-        try:
-            check_rate_and_groups(self.rate, self.groups)
-        except ConfigError as exc:
-            raise ConfigError(f"prune.{exc}") from None
+        check_rate_and_groups(self.rate, self.groups, "prune.")
         one_of("prune.compat", self.compat, COMPAT_VALUES)
         one_of("prune.trace_level", self.trace_level, TRACE_LEVELS)
-        whole("prune.seed", self.seed, 0)
-        if self.smoothness_power not in (1, 2) or isinstance(self.smoothness_power, bool):
-            raise ConfigError(f"prune.smoothness_power must be 1 or 2, got {self.smoothness_power!r}")
+        whole("prune.seed", self.seed, 0, MAX_SEED)
+        one_of("prune.smoothness_power", self.smoothness_power, (1, 2))
         for name in ("include_pointwise", "skip_stem"):
             flag(f"prune.{name}", getattr(self, name))
-        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(n, str) for n in self.exclude):
-            raise ConfigError("prune.exclude must be a list of layer names")
+        texts("prune.exclude", self.exclude)
         whole("prune.beam_width", self.beam_width, 1)
         whole("prune.check_every", self.check_every, 1)
         if self.beam_width ** (self.check_every + 1) > MAX_BEAM_CANDIDATES:
@@ -114,11 +107,9 @@ class PruneConfig:
                 or not 0 <= window[0] <= window[1]):
             raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last, got {window!r}")
         whole("prune.ticket_step", self.ticket_step, 1)
-        schemes = self.tmi_schemes
-        if not isinstance(schemes, (list, tuple)) or not schemes or len(set(schemes)) != len(schemes):
-            raise ConfigError(f"prune.tmi_schemes must list distinct schemes from {', '.join(SCHEMES)}, got {schemes!r}")
-        for scheme in schemes:
-            one_of("prune.tmi_schemes entry", scheme, SCHEMES)
+        texts("prune.tmi_schemes", self.tmi_schemes, non_empty=True, distinct=True)
+        for scheme in self.tmi_schemes:
+            one_of("each of prune.tmi_schemes", scheme, SCHEMES)
 
     def params(self) -> dict[str, Any]:
         """Every parameter, JSON-ready, with `grouping` / `selection` resolved."""

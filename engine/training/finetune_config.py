@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..common.checks import flag, real, whole
+from ..common.checks import MAX_SEED, flag, one_of, whole, wholes, within
 from ..common.devices import check_device
 from ..common.errors import ConfigError
 from ..robustness.attack_spec import AttackSpec
@@ -15,6 +15,8 @@ from ..robustness.attack_spec import AttackSpec
 MODES: tuple[str, ...] = ("standard", "fastat", "sam", "asam")
 SCHEDULES: tuple[str, ...] = ("step", "cosine")
 DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5}
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
 
 
 def metric_filename(metric: str) -> str:
@@ -54,46 +56,27 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` with one sentence for the first bad value."""
-        whole("finetune.epochs", self.epochs, 1)
-        if real("finetune.lr", self.lr) <= 0:
-            raise ConfigError(f"finetune.lr must be positive, got {self.lr!r}")
-        if not 0 <= real("finetune.momentum", self.momentum) < 1:
-            raise ConfigError(f"finetune.momentum must be in [0, 1), got {self.momentum!r}")
-        if real("finetune.weight_decay", self.weight_decay) < 0:
-            raise ConfigError(f"finetune.weight_decay must not be negative, got {self.weight_decay!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"finetune.schedule must be step or cosine, got {self.schedule!r}")
+        whole("finetune.epochs", self.epochs, 1, MAX_EPOCHS)
+        within("finetune.lr", self.lr, 0.0, low_open=True)
+        within("finetune.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        within("finetune.weight_decay", self.weight_decay, 0.0)
+        one_of("finetune.schedule", self.schedule, SCHEDULES)
         if self.milestones is not None:
-            good = isinstance(self.milestones, list) and all(
-                isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
-            )
-            if not good or sorted(set(self.milestones)) != self.milestones or any(
-                not 1 <= m < self.epochs for m in self.milestones
-            ):
-                raise ConfigError(
-                    f"finetune.milestones must be increasing epochs between 1 and {self.epochs - 1}, "
-                    f"got {self.milestones!r}"
-                )
-        if not 0 < real("finetune.gamma", self.gamma) <= 1:
-            raise ConfigError(f"finetune.gamma must be in (0, 1], got {self.gamma!r}")
-        whole("finetune.batch_size", self.batch_size, 1)
-        if self.mode not in MODES:
-            raise ConfigError(f"finetune.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < real("finetune.fastat_eps", self.fastat_eps) <= 1:
-            raise ConfigError(f"finetune.fastat_eps must be in (0, 1] (pixel units), got {self.fastat_eps!r}")
-        if real("finetune.fastat_alpha", self.fastat_alpha) <= 0:
-            raise ConfigError(f"finetune.fastat_alpha must be positive, got {self.fastat_alpha!r}")
-        if self.sam_rho is not None and real("finetune.sam_rho", self.sam_rho) <= 0:
-            raise ConfigError(f"finetune.sam_rho must be positive, got {self.sam_rho!r}")
+            wholes("finetune.milestones", self.milestones, 1, self.epochs - 1, increasing=True)
+        within("finetune.gamma", self.gamma, 0.0, 1.0, low_open=True)
+        whole("finetune.batch_size", self.batch_size, 1, MAX_BATCH)
+        one_of("finetune.mode", self.mode, MODES)
+        within("finetune.fastat_eps", self.fastat_eps, 0.0, 1.0, low_open=True, what="a number in (0, 1] (pixel units)")
+        within("finetune.fastat_alpha", self.fastat_alpha, 0.0, low_open=True)
+        if self.sam_rho is not None:
+            within("finetune.sam_rho", self.sam_rho, 0.0, low_open=True)
         for name in ("augment", "amp", "channels_last", "compile"):
             flag(f"finetune.{name}", getattr(self, name))
-        if not isinstance(self.device, str):
-            raise ConfigError(f"finetune.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        check_device(self.device)
+        check_device(self.device, "finetune.device")
         whole("finetune.eval_every", self.eval_every, 1)
         if self.eval_max_examples is not None:
             whole("finetune.eval_max_examples", self.eval_max_examples, 1)
-        whole("finetune.seed", self.seed, 0)
+        whole("finetune.seed", self.seed, 0, MAX_SEED)
         labels = [s.label for s in self.attack_specs()]
         names = [metric_filename(label) for label in labels]
         if "benign" in names or "" in names or len(set(names)) != len(names):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import torch
 
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.plan import PrunePlan
+from engine.common.progress import Progress
 from workbench import batch
-from workbench.cli import main
+from workbench.cli import build_parser, main
 
 QUICK = ["--epochs", "1", "--max-examples", "48"]
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +78,55 @@ def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pyt
                                 "--out", str(tmp_path / "run")], capsys)
     assert code == 0, stderr
     assert "MACs after" in stdout and "equivalence max |err|" in stdout
-    assert "[prune] 18/18" in stderr  # plain progress lines when stderr is not a terminal
+    lines = stderr.splitlines()  # plain lines when stderr is not a terminal, one per tenth at most
+    assert any(line.startswith("[prune] resnet20_digits.pt 100.0%") for line in lines), stderr
+    assert len([line for line in lines if line.startswith("[prune]")]) <= 11
+
+
+def test_second_run_without_out_takes_the_next_folder(tmp_path: Path, quick_config: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for number in (1, 2):
+        code, stdout, stderr = run(["--batch", "--stages", "prune", "--config", str(quick_config), "--quiet"], capsys)
+        assert code == 0, stderr
+        assert f"outputs in {Path('runs') / f'sample-{number}'}" in stdout
+        assert stderr == ""  # --quiet: no progress lines
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sample-1", "sample-2"]
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    parser_actions = [a for a in build_parser()._actions if a.option_strings and a.nargs != 0]
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside words
+    for action in parser_actions:
+        assert "".join(action.help.split()) in text
+        assert "(default: " in action.help, action.option_strings
+    assert "--method{sr-gkp,tmi-gkp}pruningmethod(default:sr-gkp)" in text
+
+
+def _printed(events: list[tuple[str, Progress]], tty: bool) -> str:
+    stream = io.StringIO()
+    stream.isatty = lambda: tty  # type: ignore[method-assign]
+    ticks = iter(range(1000))
+    printer = batch.ProgressPrinter(stream, clock=lambda: float(next(ticks)))
+    for subject, event in events:
+        printer.show(subject, event)
+    printer.end_line()
+    return stream.getvalue()
+
+
+def test_progress_lines_name_the_model_and_stay_few() -> None:
+    steps = [("pruned model", Progress("finetune", i, 200, f"step {i}")) for i in range(201)]
+    base = [("unpruned model", Progress("evaluate", i, 4)) for i in range(5)]
+    plain = _printed(steps + base, tty=False).splitlines()
+    assert len([l for l in plain if l.startswith("[finetune] pruned model")]) == 11  # 0%, 10%, ..., 100%
+    assert plain[-1].startswith("[evaluate] unpruned model 100.0% (0:04 elapsed)")
+    assert "(0:20 elapsed, ETA 3:00)" in plain[1]  # 10% after 20 ticks: 180 to go
+    live = _printed(steps + base, tty=True)
+    assert live.count("\n") == 2  # one finished line per stage and model, redrawn in place
+    assert live.count("\r") == len(steps) + len(base)
 
 
 def test_shared_checkpoint_with_normalization(shared_checkpoint: Path, tmp_path: Path, quick_config: Path,
