@@ -12,6 +12,7 @@ from typing import Any
 
 import tomli_w
 
+from .common.devices import check_device
 from .common.errors import ConfigError
 from .common.fileio import write_text_atomic
 from .gkp.prune_config import PruneConfig
@@ -98,6 +99,7 @@ class RunSection:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise ConfigError(f"run.stages takes a non-empty subset of {', '.join(STAGES)}; got {self.stages}")
+        check_device(self.device, "run.device")
 
 
 def _default_attacks() -> list[str]:
@@ -122,6 +124,7 @@ class RunConfig:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+        check_one_device(self.run.device, self.finetune.device)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -170,6 +173,17 @@ class RunConfig:
                 f"unknown key {key!r} in [{table}]; known keys: {', '.join(sorted(fields))}"
             )
         setattr(section, key, _coerce(dotted, getattr(section, key), str(fields[key].type), value))
+
+
+def check_one_device(run_device: str, finetune_device: str) -> None:
+    """Every stage of a run computes on `run.device`; `finetune.device` may only repeat it (or
+    stay `auto`), so a setting that would be ignored is an error instead."""
+    fine = finetune_device.strip().lower()
+    if fine != "auto" and fine != run_device.strip().lower():
+        raise ConfigError(
+            f"finetune.device must be auto or the same as run.device (every stage runs on run.device), "
+            f"got {finetune_device!r} with run.device {run_device!r}; set run.device instead"
+        )
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:

@@ -87,9 +87,7 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.sam_rho must be positive, got {self.sam_rho!r}")
         for name in ("augment", "amp", "channels_last", "compile"):
             flag(f"finetune.{name}", getattr(self, name))
-        if not isinstance(self.device, str):
-            raise ConfigError(f"finetune.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        check_device(self.device)
+        check_device(self.device, "finetune.device")
         whole("finetune.eval_every", self.eval_every, 1)
         if self.eval_max_examples is not None:
             whole("finetune.eval_max_examples", self.eval_max_examples, 1)
