@@ -17,7 +17,7 @@ from torch import nn
 
 from .common.distributed import DistContext
 from .common.errors import Cancelled, ConfigError, SnapshotError
-from .common.progress import ProgressCallback, check_cancel
+from .common.progress import ProgressCallback
 from .config import RunConfig
 from .data.datasets import DataBundle, load_data
 from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -194,7 +194,7 @@ def prune(
     if plan is None:
         raise Cancelled("pruning cancelled")
     seconds = time.perf_counter() - start
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     original = copy.deepcopy(ws.model).to(ws.device).eval()
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
@@ -204,10 +204,10 @@ def prune(
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(

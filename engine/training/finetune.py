@@ -182,8 +182,10 @@ class _SyncedBatchNorm:
 
 def batchnorm_mode(ctx: DistContext, layers: int) -> str:
     """How BatchNorm statistics are computed in this run, for the report."""
-    if not ctx.distributed or layers == 0:
-        return "single process" if not ctx.distributed else "no BatchNorm layers"
+    if not ctx.distributed:
+        return "single process"
+    if layers == 0:
+        return "no BatchNorm layers"
     if ctx.device.type == "cuda":
         return f"synchronised over {ctx.world_size} processes (SyncBatchNorm)"
     return (f"per process: SyncBatchNorm needs CUDA, so each of the {ctx.world_size} gloo processes "
