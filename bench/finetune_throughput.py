@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "machine": {**machine(), "threads": threads},
         "model": "CIFAR ResNet-20 pruned by SR-GKP (defaults), grouped form, 3x32x32, batch 64, SGD lr 0.01",
-        "data": "random 32-px images" if args.data == "random" else f"CIFAR-10 python batches in {args.data}",
+        "data": ("random 32-px images" if args.data == "random"
+                 else "the shared CIFAR-10 subset" if Path(args.data) == SHARED_DATA
+                 else f"CIFAR-10 python batches in {args.data}"),
         "images": {"cpu": args.images, "cuda": args.gpu_images},
         "rounds": args.rounds,
         "results": rows,
