@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import InMemorySplit, in_memory
 
-# Worker processes for datasets read from files: one core per training process stays free for
-# the training loop itself.
+# At most this many worker processes read files for one training process.
 MAX_WORKERS = 8
 
 
