@@ -1,6 +1,7 @@
 """Device selection and per-device numerics: `auto` picks CUDA when present, else the CPU; which
 reduced precision a CUDA card computes natively; full-fp32 convolutions for exactness checks;
-cuDNN's autotuner for training and timing. Torch is imported on first use, so configs naming `auto` or `cpu` are checked without loading it."""
+cuDNN's autotuner for training and timing. Torch is imported on first use, so configs naming
+`auto` or `cpu` are checked without loading it."""
 
 from __future__ import annotations
 

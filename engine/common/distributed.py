@@ -58,11 +58,6 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def backend(self) -> str | None:
-        """The process group's backend (`nccl`, `gloo`), None for a single process."""
-        return dist.get_backend() if self.distributed and dist.is_initialized() else None
-
     @classmethod
     def from_env(cls, device: str = "auto") -> "DistContext":
         """A single-process context on `device`, or, when torchrun set WORLD_SIZE > 1, join the

@@ -40,6 +40,20 @@ class _Batches:
         return len(self.batches)
 
 
+class _WithIndex(Dataset):
+    """Items with their index, so a worker's batch carries its indices in pinned memory too."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 class TrainBatches:
     """(images, labels, indices) for lists of dataset indices, on `device`: float [0, 1] images
     as the dataset serves them, int64 labels, and the indices (for per-index augmentation)."""
@@ -59,7 +73,7 @@ class TrainBatches:
                 methods = multiprocessing.get_all_start_methods()
                 context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             self._loader = DataLoader(
-                dataset, batch_sampler=self._sampler, num_workers=count, pin_memory=device.type == "cuda",
+                _WithIndex(dataset), batch_sampler=self._sampler, num_workers=count, pin_memory=device.type == "cuda",
                 persistent_workers=count > 0, multiprocessing_context=context,
             )
 
@@ -73,7 +87,7 @@ class TrainBatches:
             return
         assert self._loader is not None
         self._sampler.batches = [b.tolist() for b in batches]
-        for indices, (images, labels) in zip(batches, self._loader):
+        for images, labels, indices in self._loader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
                    indices.to(self.device, non_blocking=True))
 
