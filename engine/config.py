@@ -127,6 +127,7 @@ class RunConfig:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+        check_one_device(self.run.device, self.finetune.device)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -175,6 +176,17 @@ class RunConfig:
                 f"unknown key {key!r} in [{table}]; known keys: {', '.join(sorted(fields))}"
             )
         setattr(section, key, _coerce(dotted, getattr(section, key), str(fields[key].type), value))
+
+
+def check_one_device(run_device: str, finetune_device: str) -> None:
+    """Every stage of a run computes on `run.device`; `finetune.device` may only repeat it (or
+    stay `auto`), so a setting that would be ignored is an error instead."""
+    fine = finetune_device.strip().lower()
+    if fine != "auto" and fine != run_device.strip().lower():
+        raise ConfigError(
+            f"finetune.device must be auto or the same as run.device (every stage runs on run.device), "
+            f"got {finetune_device!r} with run.device {run_device!r}; set run.device instead"
+        )
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ it, evaluate it. Each stage is a plain function taking a progress callback and a
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 
 from .common.distributed import DistContext
-from .common.errors import ConfigError, SnapshotError
-from .common.progress import ProgressCallback, check_cancel
+from .common.errors import Cancelled, ConfigError, SnapshotError
+from .common.progress import ProgressCallback
 from .config import RunConfig
 from .data.datasets import DataBundle, load_data
 from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -37,13 +38,8 @@ from .models.metrics import ModelCost, count_cost
 from .models.normalization import Normalization, parse_normalization
 from .models.normalize_layer import Normalize
 from .robustness.attacks import RobustnessReport, parse_attack
-from .robustness.probes import (
-    CorruptionReport,
-    FrequencyReport,
-    corruption_probe,
-    frequency_probe,
-)
-from .robustness.sharded import evaluate_sharded
+from .robustness.probes import CorruptionReport, FrequencyReport
+from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_sharded
 from .training.finetune import FinetuneResult, finetune
 
 
@@ -178,18 +174,28 @@ def prune(
     cancel: threading.Event | None = None,
 ) -> PruneOutcome:
     """Plan the pruning with the configured method, rebuild the model in grouped and deployed
-    form, and check both against the masked dense model on a real test batch."""
+    form, and check both against the masked dense model on a real test batch. Under torchrun
+    rank 0 plans and the others receive its plan. `ws.model` is read, never moved or changed,
+    so other jobs may use it meanwhile."""
     config = ws.config
     check_prunable(ws)
-    snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
     start = time.perf_counter()
-    plan = plan_pruning(
-        ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
-        on_event=on_event, progress=progress, cancel=cancel,
-    )
+    plan: PrunePlan | None = None
+    if ws.ctx.is_main:
+        snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
+        try:
+            plan = plan_pruning(
+                ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
+                on_event=on_event, progress=progress, cancel=cancel,
+            )
+        except Cancelled:
+            pass  # the others learn it from the broadcast: no plan
+    plan = ws.ctx.broadcast_object(plan)
+    if plan is None:
+        raise Cancelled("pruning cancelled")
     seconds = time.perf_counter() - start
-    check_cancel(cancel)
-    original = ws.model.to(ws.device).eval()
+    ws.ctx.check_cancel(cancel)
+    original = copy.deepcopy(ws.model).to(ws.device).eval()
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
     latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -198,10 +204,10 @@ def prune(
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(
@@ -272,8 +278,8 @@ def evaluate(
     cancel: threading.Event | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model. Under torchrun the attacks are sharded over the processes and
-    the probes run on rank 0 only."""
+    equivalent of a pruned model. Under torchrun the attacks and probes are sharded over the
+    processes."""
     cfg = ws.config.evaluate
     model = dense_equivalent(model)
     common = dict(
@@ -284,16 +290,15 @@ def evaluate(
         model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
         max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
     )
-    probe = ws.ctx.is_main
     frequency = (
-        frequency_probe(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds),
-                        max_examples=limit, **common)
-        if cfg.frequency and probe else None
+        frequency_sharded(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
+                          max_examples=limit, **common)
+        if cfg.frequency else None
     )
     corruption = (
-        corruption_probe(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities),
-                         max_examples=limit, **common)
-        if cfg.corruption and probe else None
+        corruption_sharded(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
+                           max_examples=limit, **common)
+        if cfg.corruption else None
     )
     return Evaluation(robustness, frequency, corruption)
 
