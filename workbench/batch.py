@@ -169,12 +169,15 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     results: dict[str, Any] = dict(state.get("results", {}))
     model, plan = ws.model, ws.plan
 
+    written: dict[str, Any] = {}
+
     def finish(stage: str, sections: dict[str, Any]) -> None:
         results.update(sections)
         state["completed"].append(stage)
         state["results"] = results
+        written["report"] = build_report(ws, results, state["completed"])
         if main:
-            write_json_atomic(out / "report.json", build_report(ws, results, state["completed"]))
+            write_json_atomic(out / "report.json", written["report"])
             write_json_atomic(out / STATE_FILE, state)
         log.info("stage %s done", stage)
 
@@ -219,7 +222,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     log.info("run finished")
     if progress is not None:
         progress.end_line()
-    return build_report(ws, results, state["completed"])
+    return written.get("report") or build_report(ws, results, state["completed"])
 
 
 def _model_label(plan: Any, completed: list[str]) -> str:
