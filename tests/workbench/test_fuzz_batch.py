@@ -316,6 +316,24 @@ def test_interrupt_while_importing_exits_130(moment: str, tmp_path: Path) -> Non
     assert not out.exists()
 
 
+def test_interrupt_while_loading_replaces_nothing(tmp_path: Path, previous_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the model and data load (the batch runner's handler only sets its cancel
+    event) stops before the first write: a previous run under --force is still there."""
+    checks = batch.pipeline.check_evaluation_config
+
+    def interrupted(config: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+        checks(config)
+
+    monkeypatch.setattr(batch.pipeline, "check_evaluation_config", interrupted)
+    folder = copy_run(previous_run, tmp_path / "d")
+    before = tree(tmp_path)
+    code, stderr = run(["--batch", "--stages", "prune", "--out", str(folder), "--force", "--quiet"], capsys)
+    assert code == 130 and stderr == "interrupted\n"
+    assert tree(tmp_path) == before
+
+
 # --- case 7: one writer per run folder ---------------------------------------------------------------------------
 
 
