@@ -27,6 +27,9 @@ EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
 _EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
 _SHOWN = 8  # missing epochs listed before "..."
 _FINGERPRINT_RTOL = 1e-6
+_ARCHIVE_KEYS: tuple[str, ...] = ("format", "version", "epochs", "names", "final_l1")
+_SMALL_ARRAY = 1 << 24  # bytes: the archive's index arrays are far smaller
+_MAX_RATIO = 1100  # an archive member expands at most this much (deflate: about 1032-fold)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -199,10 +202,6 @@ def _read_archive(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str
         return {**index, "scales": data["scales"], **{f"q{i}": data[f"q{i}"] for i in range(len(names))}}
 
 
-_ARCHIVE_KEYS: tuple[str, ...] = ("format", "version", "epochs", "names", "final_l1")
-_SMALL_ARRAY = 1 << 24  # bytes: the archive's index arrays are far smaller
-
-
 def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in an .npz archive, read from the headers alone, each
     checked to need no more bytes than the archive stores for it (so loading cannot be made to
@@ -218,9 +217,6 @@ def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 raise ValueError(f"array {info.filename} declares more data than the archive holds")
             headers[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
     return headers
-
-
-_MAX_RATIO = 1100  # deflate expands at most about 1032-fold
 
 
 def _nbytes(header: tuple[tuple[int, ...], np.dtype]) -> int:
