@@ -12,7 +12,7 @@ from typing import Any
 
 import tomli_w
 
-from .common.checks import MAX_SEED, flag, one_of, texts, whole, wholes, within
+from .common.checks import MAX_SEED, flag, one_of, texts, utf8, whole, wholes, within
 from .common.devices import check_device
 from .common.errors import ConfigError
 from .common.fileio import write_text_atomic
@@ -124,7 +124,10 @@ class RunConfig:
     def validate(self) -> None:
         """Check every section; raise `ConfigError` for the first bad value."""
         for section in dataclasses.fields(self):
-            validate = getattr(getattr(self, section.name), "validate", None)
+            values = getattr(self, section.name)
+            for key in dataclasses.fields(values):
+                utf8(f"{section.name}.{key.name}", getattr(values, key.name))
+            validate = getattr(values, "validate", None)
             if validate is not None:
                 validate()
         check_one_device(self.run.device, self.finetune.device)

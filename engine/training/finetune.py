@@ -517,6 +517,15 @@ class _Run:
             raise CheckpointError(f"{path} is not a readable fine-tuning state ({type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not a fine-tuning state written by the workbench")
+        try:
+            self._restore(path, state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is a damaged fine-tuning state ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        """`resume` once the file is known to be a fine-tuning state; a damaged one raises any of
+        the errors `resume` reports."""
+        assert self.out_dir is not None
         saved, current = state["config"], self.config.to_dict()
         changed = [k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
         if changed:

@@ -180,12 +180,17 @@ def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad attack": (["--attacks", "fgsn:eps=0.1"], "fgsn"),
         "bad data": (["--data", "mnist"], "digits"),
         "missing normalisation": ([], "normalisation"),
+        "NaN normalisation": (["--normalize", "nan,nan"], "normalisation mean values must be finite numbers"),
+        "infinite std": (["--normalize", "0.5,inf"], "normalisation std values must be positive finite numbers"),
+        "huge seed": (["--seed", str(2**70)], "run.seed must be a whole number from 0 to 4294967295"),
+        "unbounded attack steps": (["--attacks", "pgd:steps=1e8"], "steps must be a whole number from 0 to 100000"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "corrupt file", "unknown arch", "rate out of range",
                                   "groups not dividing", "bad TOML", "unknown key", "bad attack", "bad data",
-                                  "malformed device", "non-numeric device", "two devices"])
+                                  "malformed device", "non-numeric device", "two devices",
+                                  "NaN normalisation", "infinite std", "huge seed", "unbounded attack steps"])
 def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args, phrase = _bad_checkpoint_cases(tmp_path)[case]
     out = tmp_path / "out"
