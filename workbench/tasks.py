@@ -107,7 +107,8 @@ def evaluate_models(ws: Workspace, models: dict[str, nn.Module], progress: Progr
     def labelled(label: str) -> ProgressCallback:
         return lambda p: progress(dataclasses.replace(p, message=f"{label}: {p.stage} {p.message}".strip()))
 
-    return {label: evaluate(ws, model, progress=labelled(label), cancel=cancel) for label, model in models.items()}
+    return {label: evaluate(ws, model, label=f"{label} model", progress=labelled(label), cancel=cancel)
+            for label, model in models.items()}
 
 
 def saved_trace(checkpoint: Path, plan: PrunePlan) -> list[TraceEvent]:
