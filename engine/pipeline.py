@@ -74,7 +74,7 @@ class Workspace:
 
     @property
     def in_channels(self) -> int:
-        return int(self.checkpoint.arch.params.get("in_channels", 3))
+        return model_channels(self.checkpoint)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -132,7 +132,7 @@ def open_workspace(config: RunConfig) -> Workspace:
         path, arch=config.model.arch or None, normalization=override,
         trust_pickle=config.model.trust_pickle,
     )
-    in_channels = int(checkpoint.arch.params.get("in_channels", 3))
+    in_channels = model_channels(checkpoint)
     needing = [stage for stage in ("finetune", "evaluate") if stage in config.run.stages]
     data = None
     if config.data.spec:
@@ -165,6 +165,11 @@ def open_workspace(config: RunConfig) -> Workspace:
     return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
 
 
+def model_channels(checkpoint: LoadedCheckpoint) -> int:
+    """Input channels the model takes (3 where its architecture does not say)."""
+    return int(checkpoint.arch.params.get("in_channels", 3))
+
+
 def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None:
     """Refuse data the model cannot have been trained on: a different class count, or images
     stored with a different number of channels (a grey dataset for an RGB model, or the reverse)."""
@@ -175,7 +180,7 @@ def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None
             f"the model has {classes} outputs but {spec} has {data.num_classes} classes: "
             "pass the data the model was trained on with --data"
         )
-    channels = int(params.get("in_channels", 3))
+    channels = model_channels(checkpoint)
     if data.source_channels is not None and data.source_channels != channels:
         raise ConfigError(
             f"{spec} images have {data.source_channels} channel{'s' if data.source_channels != 1 else ''} "
