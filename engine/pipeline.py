@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .common.distributed import DistContext
-from .common.errors import ConfigError, SnapshotError
+from .common.errors import ConfigError, DataError, SnapshotError
 from .common.progress import ProgressCallback, check_cancel
 from .config import RunConfig
 from .data.datasets import DEFAULT_IMAGE_SIZE, SPEC_HELP, DataBundle, load_data
-from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .formats.snapshots import load_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
@@ -49,6 +49,7 @@ from .robustness.sharded import evaluate_sharded
 from .training.finetune import FinetuneResult, finetune
 
 
+DATA_KEY = "data"  # checkpoint metadata: the data spec a workbench checkpoint was made with
 NO_DATA = (
     "no data is set, so BatchNorm statistics were not recalibrated and accuracy was not measured "
     "(the pruned model's accuracy may have collapsed); pass --data"
@@ -67,6 +68,7 @@ class Workspace:
     data: DataBundle | None
     device: torch.device
     ctx: DistContext = field(default_factory=DistContext)
+    data_source: str = "configured"
 
     @property
     def model(self) -> nn.Module:
@@ -134,12 +136,22 @@ def open_workspace(config: RunConfig) -> Workspace:
     )
     in_channels = model_channels(checkpoint)
     needing = [stage for stage in ("finetune", "evaluate") if stage in config.run.stages]
-    data = None
+    data, data_source = None, "configured"
+    recorded = checkpoint.metadata.get(DATA_KEY)
+    if not config.data.spec and checkpoint.source_format.startswith(WORKBENCH_FORMAT) and isinstance(recorded, str):
+        # A checkpoint the workbench wrote names the data it was made with, as it stores the
+        # normalisation: the resolved config (and so config.toml) says which data was used.
+        config.data.spec, data_source = recorded, "recorded in the checkpoint"
     if config.data.spec:
-        data = load_data(
-            config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
-            seed=config.run.seed, val_fraction=config.data.val_fraction,
-        )
+        try:
+            data = load_data(
+                config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
+                seed=config.run.seed, val_fraction=config.data.val_fraction,
+            )
+        except DataError as exc:
+            if data_source == "configured":
+                raise
+            raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
         check_fit(checkpoint, data, config.data.spec)
     elif needing:
         stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
@@ -162,7 +174,7 @@ def open_workspace(config: RunConfig) -> Workspace:
         norm, source = parse_normalization("none"), "unknown: none applied (no data to estimate it from)"
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
-    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx, data_source)
 
 
 def model_channels(checkpoint: LoadedCheckpoint) -> int:
@@ -403,8 +415,10 @@ def prune(
 
 
 def save_model(ws: Workspace, path: Path, model: nn.Module, plan: PrunePlan | None, metadata: dict[str, Any]) -> None:
-    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan)."""
-    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata=metadata)
+    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan, and
+    the data spec it was made with, when there was data)."""
+    data = {DATA_KEY: ws.config.data.spec} if ws.data is not None else {}
+    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata={**metadata, **data})
 
 
 def finetune_model(

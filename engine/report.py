@@ -78,6 +78,7 @@ def data_section(ws: "Workspace") -> dict[str, Any] | None:
         return None
     return {
         "spec": ws.config.data.spec,
+        "source": ws.data_source,
         "name": data.name,
         "n_train": len(data.train),  # type: ignore[arg-type]
         "n_val": len(data.val),  # type: ignore[arg-type]

@@ -12,13 +12,23 @@ from PIL import Image
 from engine import pipeline
 from engine.common.errors import ConfigError
 from engine.config import RunConfig
+from engine.formats.checkpoints import load_checkpoint, save_checkpoint
 from engine.report import REPORT_VERSION, build_report
 from sample_models import SAMPLE_CHECKPOINT, use_sample_when_unset
 
 
-def sample_config(**values: object) -> RunConfig:
+@pytest.fixture(scope="module")
+def unrecorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's weights saved again without the data its checkpoint records."""
+    sample = load_checkpoint(SAMPLE_CHECKPOINT)
+    path = tmp_path_factory.mktemp("ckpt") / "digits_model.pt"
+    save_checkpoint(path, sample.model, sample.arch, sample.normalization)
+    return path
+
+
+def sample_config(checkpoint: Path = SAMPLE_CHECKPOINT, **values: object) -> RunConfig:
     config = RunConfig()
-    config.model.checkpoint = str(SAMPLE_CHECKPOINT)
+    config.model.checkpoint = str(checkpoint)
     config.run.device = "cpu"
     config.run.stages = ["prune"]
     config.deploy.form = "grouped"
@@ -51,8 +61,14 @@ def test_recalibration_off_measures_raw_accuracy_only() -> None:
     assert section["recalibration"] is None and section["accuracy"]["n"] == len(ws.data.val)
 
 
-def test_without_data_pruning_skips_accuracy_and_data_stages_refuse() -> None:
+def test_a_workbench_checkpoint_brings_the_data_it_was_made_with() -> None:
     ws = pipeline.open_workspace(sample_config())
+    assert ws.data is not None and ws.data.name == "digits" and ws.data_source == "recorded in the checkpoint"
+    assert ws.config.data.spec == "digits"  # so the run's config.toml says it
+
+
+def test_without_data_pruning_skips_accuracy_and_data_stages_refuse(unrecorded: Path) -> None:
+    ws = pipeline.open_workspace(sample_config(unrecorded))
     assert ws.data is None and ws.normalization_source == "stored in the checkpoint"
     outcome = pipeline.prune(ws)
     assert outcome.accuracy is None and outcome.recalibration is None
@@ -64,7 +80,7 @@ def test_without_data_pruning_skips_accuracy_and_data_stages_refuse() -> None:
     with pytest.raises(ConfigError, match="fine-tuning needs data and none is set: pass --data"):
         pipeline.finetune_model(ws, outcome.model, outcome.plan, None)
     with pytest.raises(ConfigError, match=r"the finetune and evaluate stages need data .* pass --data"):
-        pipeline.open_workspace(sample_config(**{"run.stages": ["prune", "finetune", "evaluate"]}))
+        pipeline.open_workspace(sample_config(unrecorded, **{"run.stages": ["prune", "finetune", "evaluate"]}))
 
 
 def test_data_with_other_classes_is_refused(tmp_path: Path) -> None:

@@ -205,6 +205,8 @@ def test_reopen_pruned_model_in_batch(tmp_path: Path, quick_config: Path, capsys
     report = json.loads(stdout)
     assert report["model"]["params"] < 200_000  # the pruned model, not the dense one
     assert "baseline" not in report["evaluate"]
+    assert (report["data"]["spec"], report["data"]["source"]) == ("digits", "recorded in the checkpoint")
+    assert RunConfig.load(tmp_path / "second" / "config.toml").data.spec == "digits"
 
 
 def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
