@@ -13,6 +13,7 @@ from engine import pipeline
 from engine.common.errors import ConfigError
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint, save_checkpoint
+from engine.models.latency import RoundTimes, latency_verdict
 from engine.report import REPORT_VERSION, build_report
 from sample_models import SAMPLE_CHECKPOINT, use_sample_when_unset
 
@@ -67,10 +68,16 @@ def test_a_workbench_checkpoint_brings_the_data_it_was_made_with() -> None:
     assert ws.config.data.spec == "digits"  # so the run's config.toml says it
 
 
-def test_without_data_pruning_skips_accuracy_and_data_stages_refuse(unrecorded: Path) -> None:
-    ws = pipeline.open_workspace(sample_config(unrecorded))
+def test_without_data_pruning_skips_accuracy_and_data_stages_refuse(unrecorded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = pipeline.open_workspace(sample_config(unrecorded, **{"deploy.form": "dense"}))
     assert ws.data is None and ws.normalization_source == "stored in the checkpoint"
+    # A pruned model timed twice as slow in every round: with every pruned layer dense it runs the
+    # original's convolutions, so the verdict is still "within noise".
+    slow = {"original": RoundTimes((1.0, 1.1, 0.9, 1.0), 0.9, 10), "pruned": RoundTimes((2.0, 2.2, 1.8, 2.0), 1.8, 10)}
+    monkeypatch.setattr(pipeline, "interleaved_latency", lambda *args, **kwargs: slow)
     outcome = pipeline.prune(ws)
+    assert outcome.deploy["counts"] == {"grouped": 0, "dense": 18} and outcome.latency_verdict == "within noise"
+    assert latency_verdict(slow["original"], slow["pruned"]) == "slower"
     assert outcome.accuracy is None and outcome.recalibration is None
     assert outcome.warnings == [pipeline.NO_DATA] and outcome.equivalence_input.startswith("random images")
     assert outcome.equivalence_max_abs_err < 1e-4

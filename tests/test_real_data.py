@@ -44,6 +44,7 @@ def test_recalibration_recovers_far_above_the_raw_pruned_model(pruned: tuple[pip
     assert accuracy.before > 0.95  # training images the model has seen
     assert accuracy.raw < 0.4 and accuracy.recalibrated is not None and accuracy.recalibrated > accuracy.raw + 0.25
     assert [w.split(":")[0] for w in outcome.warnings] == ["pruned model before BatchNorm recalibration"]
+    assert f"is under half of the unpruned model's {accuracy.before:.1%}" in outcome.warnings[0]
     # The model to save and train holds the recalibrated statistics.
     again = pipeline.validation_accuracy(ws, outcome.model, "pruned model").clean_acc
     assert abs(again - accuracy.recalibrated) <= 1 / accuracy.n

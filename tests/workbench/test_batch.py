@@ -32,7 +32,7 @@ def quick_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "quick.toml"
     path.write_text(
         "[evaluate]\nthresholds = [8]\nseverities = [3]\nbatch_size = 48\n"
-        "[deploy]\nform = \"grouped\"\n"
+        "[deploy]\nform = \"grouped\"\n[prune]\nrecalibrate_images = 256\n"
     )
     return path
 
@@ -79,7 +79,7 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     accuracy = prune["accuracy"]
     assert accuracy["n"] == report["data"]["n_val"] == 180 and accuracy["before"] > 0.95
     assert accuracy["raw"] < 0.2 and accuracy["recalibrated"] > 0.85
-    assert prune["recalibration"]["images"] == 1024 and prune["recalibration"]["layers"] == 19
+    assert prune["recalibration"]["images"] == 256 and prune["recalibration"]["layers"] == 19
     assert any("before BatchNorm recalibration: predicts" in w for w in report["warnings"])
     saved = RunConfig.load(out / "config.toml")
     assert (saved.model.checkpoint, saved.model.snapshots, saved.data.spec) == (
@@ -98,6 +98,9 @@ def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pyt
                                 "--out", str(tmp_path / "run")], capsys)
     assert code == 0, stderr
     assert "MACs after" in stdout and "equivalence max |err|" in stdout
+    assert "latency (grouped, batch 1, 8 rounds)" in stdout and " ms (IQR " in stdout
+    assert "pruned layers deployed" in stdout and "18 grouped, 0 dense" in stdout
+    assert "val accuracy unpruned (n=180)" in stdout
     lines = stderr.splitlines()  # plain lines when stderr is not a terminal, one per tenth at most
     assert any(line.startswith("[prune] resnet20_digits.pt 100.0%") for line in lines), stderr
     assert len([line for line in lines if line.startswith("[prune]")]) <= 11
@@ -158,7 +161,7 @@ def test_shared_checkpoint_on_real_cifar(shared_checkpoint: Path, shared_cifar: 
                                 "--normalize", "imagenet", "--data", shared_cifar, "--config", str(quick_config),
                                 "--out", str(out), "--max-examples", "16"], capsys)
     assert code == 0, stderr
-    assert "  pruned, raw " in stdout and "  recalibrated (1024 images) " in stdout
+    assert "  pruned, raw " in stdout and "  recalibrated (256 images) " in stdout
     assert "warning: pruned model before BatchNorm recalibration: " in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["version"] == 2 and report["model"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
