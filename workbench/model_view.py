@@ -120,6 +120,7 @@ def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> lis
 
 
 def _data_line(data: "DataBundle | None") -> str:
+    """The dataset and its splits, or what having none means."""
     if data is None:
         return "none set: pruning works, accuracy, recalibration, fine-tuning and evaluation need --data"
     sizes = "/".join(str(len(s)) for s in (data.train, data.val, data.test))  # type: ignore[arg-type]
