@@ -7,7 +7,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .common.distributed import DistContext
-from .common.errors import Cancelled, ConfigError, SnapshotError
+from .common.errors import Cancelled, ConfigError, DataError, SnapshotError
 from .common.progress import ProgressCallback
 from .config import RunConfig
-from .data.datasets import DataBundle, load_data
-from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .data.datasets import DEFAULT_IMAGE_SIZE, SPEC_HELP, DataBundle, load_data
+from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .formats.snapshots import load_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
@@ -33,35 +33,57 @@ from .gkp.reconstruct import (
     masked_dense,
 )
 from .gkp.traces import TraceEvent
-from .models.latency import compare_latency
+from .models.batchnorm import Recalibration, copy_batchnorm_statistics, recalibrate_batchnorm
+from .models.latency import RoundTimes, interleaved_latency, latency_verdict
 from .models.metrics import ModelCost, count_cost
 from .models.normalization import Normalization, parse_normalization
 from .models.normalize_layer import Normalize
-from .robustness.attacks import RobustnessReport, parse_attack
+from .robustness.attacks import RobustnessReport, evaluate_robustness, parse_attack
+from .robustness.collapse import collapse_warnings
 from .robustness.probes import CorruptionReport, FrequencyReport
 from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_sharded
 from .training.finetune import FinetuneResult, finetune
 
 
+DATA_KEY = "data"  # checkpoint metadata: the data spec a workbench checkpoint was made with
+NO_DATA = (
+    "no data is set, so BatchNorm statistics were not recalibrated and accuracy was not measured "
+    "(the pruned model's accuracy may have collapsed); pass --data"
+)
+
+
 @dataclass
 class Workspace:
-    """An opened model with its data, ready for any stage."""
+    """An opened model with its data (None when none is set: the engine never guesses one),
+    ready for any stage."""
 
     config: RunConfig
     checkpoint: LoadedCheckpoint
     normalization: Normalization
     normalization_source: str
-    data: DataBundle
+    data: DataBundle | None
     device: torch.device
     ctx: DistContext = field(default_factory=DistContext)
+    data_source: str = "configured"
 
     @property
     def model(self) -> nn.Module:
         return self.checkpoint.model
 
     @property
+    def in_channels(self) -> int:
+        return model_channels(self.checkpoint)
+
+    @property
     def input_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+        size = self.data.image_size if self.data is not None else self.config.data.image_size or DEFAULT_IMAGE_SIZE
+        return (1, self.in_channels, size, size)
+
+    def require_data(self, what: str) -> DataBundle:
+        """The dataset, or `ConfigError` saying that `what` needs one."""
+        if self.data is None:
+            raise ConfigError(f"{what} needs data and none is set: pass --data ({SPEC_HELP})")
+        return self.data
 
     @cached_property
     def cost(self) -> ModelCost:
@@ -81,9 +103,19 @@ class Workspace:
             skip_stem=p.skip_stem, include_pointwise=p.include_pointwise, exclude=p.exclude,
         )
 
+    @property
+    def example_source(self) -> str:
+        """What `example_batch` holds, for reports."""
+        return "test images" if self.data is not None else "random images (no data set)"
+
     def example_batch(self, size: int = 32) -> torch.Tensor:
-        """The first `size` test images, normalised: a real batch for equivalence checks."""
-        images = torch.stack([self.data.test[i][0] for i in range(min(size, len(self.data.test)))])
+        """The first `size` test images, normalised: a real batch for equivalence checks and
+        timing. Without data, seeded uniform random images stand in."""
+        if self.data is None:
+            generator = torch.Generator().manual_seed(self.config.run.seed)
+            images = torch.rand((size, *self.input_shape[1:]), generator=generator)
+        else:
+            images = torch.stack([self.data.test[i][0] for i in range(min(size, len(self.data.test)))])
         return Normalize(self.normalization)(images)
 
 
@@ -98,25 +130,70 @@ def open_workspace(config: RunConfig) -> Workspace:
         path, arch=config.model.arch or None, normalization=override,
         trust_pickle=config.model.trust_pickle,
     )
-    in_channels = int(checkpoint.arch.params.get("in_channels", 3))
-    data = load_data(
-        config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
-        seed=config.run.seed, val_fraction=config.data.val_fraction,
-    )
+    in_channels = model_channels(checkpoint)
+    needing = [stage for stage in ("finetune", "evaluate") if stage in config.run.stages]
+    data, data_source = None, "configured"
+    recorded = checkpoint.metadata.get(DATA_KEY)
+    if not config.data.spec and checkpoint.source_format.startswith(WORKBENCH_FORMAT) and isinstance(recorded, str):
+        # A checkpoint the workbench wrote names the data it was made with, as it stores the
+        # normalisation: the resolved config (and so config.toml) says which data was used.
+        config.data.spec, data_source = recorded, "recorded in the checkpoint"
+    if config.data.spec:
+        try:
+            data = load_data(
+                config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
+                seed=config.run.seed, val_fraction=config.data.val_fraction,
+            )
+        except DataError as exc:
+            if data_source == "configured":
+                raise
+            raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
+        check_fit(checkpoint, data, config.data.spec)
+    elif needing:
+        stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
+        raise ConfigError(
+            f"{stages} data and none is set: pass --data ({SPEC_HELP}); "
+            "the workbench does not guess which dataset a model was trained on"
+        )
     if override is not None:
         norm, source = override, "set by the user"
     elif checkpoint.normalization is not None:
         norm, source = checkpoint.normalization, "stored in the checkpoint"
-    elif {"finetune", "evaluate"} & set(config.run.stages):
+    elif needing:
         raise ConfigError(
             f"{path.name} does not record its input normalisation; pass --normalize "
             "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
         )
-    else:
+    elif data is not None:
         norm, source = data.normalization, "unknown: the dataset's own statistics are used"
+    else:
+        norm, source = parse_normalization("none"), "unknown: none applied (no data to estimate it from)"
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
-    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx, data_source)
+
+
+def model_channels(checkpoint: LoadedCheckpoint) -> int:
+    """Input channels the model takes (3 where its architecture does not say)."""
+    return int(checkpoint.arch.params.get("in_channels", 3))
+
+
+def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None:
+    """Refuse data the model cannot have been trained on: a different class count, or images
+    stored with a different number of channels (a grey dataset for an RGB model, or the reverse)."""
+    params = checkpoint.arch.params
+    classes = params.get("num_classes")
+    if classes is not None and int(classes) != data.num_classes:
+        raise ConfigError(
+            f"the model has {classes} outputs but {spec} has {data.num_classes} classes: "
+            "pass the data the model was trained on with --data"
+        )
+    channels = model_channels(checkpoint)
+    if data.source_channels is not None and data.source_channels != channels:
+        raise ConfigError(
+            f"{spec} images have {data.source_channels} channel{'s' if data.source_channels != 1 else ''} "
+            f"but the model takes {channels}: pass the data the model was trained on with --data"
+        )
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -150,9 +227,28 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
 
 
 @dataclass
+class AccuracyCheck:
+    """Validation accuracy right after pruning, on the same `n` images: the unpruned model, the
+    pruned one with its stale BatchNorm statistics (`raw`) and after recalibration (None when
+    recalibration was off or found no BatchNorm); `warnings` flag collapsed models in words."""
+
+    split: str
+    n: int
+    before: float
+    raw: float
+    recalibrated: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "before": self.before, "raw": self.raw,
+                "recalibrated": self.recalibrated}
+
+
+@dataclass
 class PruneOutcome:
     """A pruned model (grouped form: the one to train and save), its deployed form, and the
-    measurements that show what pruning did."""
+    measurements that show what pruning did. `accuracy` and `recalibration` are None without
+    data; `notes` say what was skipped and why; `snapshots` names the TMI tickets used."""
 
     plan: PrunePlan
     model: nn.Module
@@ -160,10 +256,91 @@ class PruneOutcome:
     cost_before: ModelCost
     cost_after: ModelCost
     equivalence_max_abs_err: float
+    equivalence_input: str
     seconds: float
-    latency_ms: dict[str, float]
+    latency: dict[str, RoundTimes]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
+    accuracy: AccuracyCheck | None = None
+    recalibration: Recalibration | None = None
+    snapshots: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latency_verdict(self) -> str:
+        """faster, slower or within noise (the pruned model against the original); always within
+        noise when no pruned layer is deployed grouped, since the deployed model then runs the
+        original's convolutions with zeros in place of the pruned kernels."""
+        if not self.deploy.get("counts", {}).get("grouped"):
+            return "within noise"
+        return latency_verdict(self.latency["original"], self.latency["pruned"])
+
+    @property
+    def speedup(self) -> float:
+        """Original over pruned median latency."""
+        after = self.latency["pruned"].median_ms
+        return self.latency["original"].median_ms / after if after else 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        """Everything a reader of the numbers must know: skipped steps and collapsed models."""
+        return [*self.notes, *([] if self.accuracy is None else self.accuracy.warnings)]
+
+
+def _stage_progress(progress: ProgressCallback | None, stage: str, what: str) -> ProgressCallback | None:
+    """`progress` with its reports relabelled as `stage` and their message prefixed by `what`."""
+    if progress is None:
+        return None
+    return lambda p: progress(replace(p, stage=stage, message=f"{what}: {p.message}".rstrip(": ")))
+
+
+def validation_accuracy(
+    ws: Workspace, model: nn.Module, what: str, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> RobustnessReport:
+    """Clean accuracy of `model` on the whole validation split (no attack), with how often it
+    predicted each class."""
+    data = ws.require_data("measuring accuracy")
+    return evaluate_robustness(
+        model, ws.normalization, data.val, [], batch_size=ws.config.evaluate.batch_size,
+        device=str(ws.device), seed=ws.config.run.seed, progress=_stage_progress(progress, "accuracy", what),
+        cancel=cancel,
+    )
+
+
+def recalibrate_and_check(
+    ws: Workspace, original: nn.Module, masked: nn.Module, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> tuple[AccuracyCheck, Recalibration | None]:
+    """Measure the unpruned and the freshly pruned model (`masked`, its dense form) on the
+    validation split, re-estimate `masked`'s BatchNorm statistics on training images (SPEC §7,
+    `prune.recalibrate_images`; in place) and measure it again."""
+    data = ws.require_data("recalibration")
+    classes = data.classes
+    labels = {"before": "unpruned model", "raw": "pruned model before BatchNorm recalibration",
+              "recalibrated": "pruned model after BatchNorm recalibration"}
+    reports = {"before": validation_accuracy(ws, original, labels["before"], progress=progress, cancel=cancel),
+               "raw": validation_accuracy(ws, masked, labels["raw"], progress=progress, cancel=cancel)}
+    images = ws.config.prune.recalibrate_images
+    recalibration = None
+    if images:
+        recalibration = recalibrate_batchnorm(
+            masked, data.train, ws.normalization, n_images=images, batch_size=ws.config.evaluate.batch_size,
+            seed=ws.config.run.seed, device=ws.device, progress=progress, cancel=cancel,
+        )
+        if recalibration.layers:
+            reports["recalibrated"] = validation_accuracy(ws, masked, labels["recalibrated"], progress=progress,
+                                                          cancel=cancel)
+    before = reports["before"].clean_acc
+    warnings = [
+        warning for key, r in reports.items()
+        for warning in collapse_warnings(labels[key], r.clean_acc, r.clean_predicted, classes,
+                                         reference=None if key == "before" else (labels["before"], before))
+    ]
+    after = reports.get("recalibrated")
+    check = AccuracyCheck("val", reports["raw"].n_examples, before, reports["raw"].clean_acc,
+                          None if after is None else after.clean_acc, warnings)
+    return check, recalibration
 
 
 def prune(
@@ -173,14 +350,17 @@ def prune(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> PruneOutcome:
-    """Plan the pruning with the configured method, rebuild the model in grouped and deployed
-    form, and check both against the masked dense model on a real test batch. Under torchrun
-    rank 0 plans and the others receive its plan. `ws.model` is read, never moved or changed,
-    so other jobs may use it meanwhile."""
+    """Plan the pruning with the configured method, recalibrate the pruned model's BatchNorm
+    statistics (measuring validation accuracy before and after), rebuild it in grouped and
+    deployed form, check both against the masked dense model on a real test batch, and time
+    the deployed model against the original in interleaved rounds. Under torchrun rank 0 plans
+    and the others receive its plan. `ws.model` is read, never moved or changed, so other jobs
+    may use it meanwhile."""
     config = ws.config
     check_prunable(ws)
     start = time.perf_counter()
     plan: PrunePlan | None = None
+    snapshots = None  # rank 0 alone loads them, and alone writes the report that names them
     if ws.ctx.is_main:
         snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
         try:
@@ -196,6 +376,20 @@ def prune(
     seconds = time.perf_counter() - start
     ws.ctx.check_cancel(cancel)
     original = copy.deepcopy(ws.model).to(ws.device).eval()
+    masked = masked_dense(original, plan)
+    notes: list[str] = []
+    accuracy = recalibration = None
+    if ws.data is None:
+        notes.append(NO_DATA)
+    else:
+        # Under torchrun a cancel is acted on only where the ranks agree on it (check_cancel below).
+        local_cancel = None if ws.ctx.distributed else cancel
+        accuracy, recalibration = recalibrate_and_check(ws, original, masked, progress=progress, cancel=local_cancel)
+        if not config.prune.recalibrate_images:
+            notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
+        elif recalibration is not None and recalibration.note:
+            notes.append(recalibration.note)
+    ws.ctx.check_cancel(cancel)
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
     latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -204,12 +398,12 @@ def prune(
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
+    for model in (grouped, deployed):
+        copy_batchnorm_statistics(masked, model)
     ws.ctx.check_cancel(cancel)
-    masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
     ws.ctx.check_cancel(cancel)
-    timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
-    before, after = timing["original"], timing["pruned"]
+    timing = interleaved_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
     return PruneOutcome(
         plan=plan,
         model=grouped,
@@ -217,16 +411,23 @@ def prune(
         cost_before=ws.cost,
         cost_after=count_cost(grouped, ws.input_shape),
         equivalence_max_abs_err=error,
+        equivalence_input=ws.example_source,
         seconds=seconds,
-        latency_ms={"original": before, "pruned": after, "speedup": before / after if after else 0.0},
+        latency=timing,
         latency_batch=size,
         deploy=deploy_summary(deployed),
+        accuracy=accuracy,
+        recalibration=recalibration,
+        snapshots=None if snapshots is None else {"source": config.model.snapshots, "epochs": sorted(snapshots)},
+        notes=notes,
     )
 
 
 def save_model(ws: Workspace, path: Path, model: nn.Module, plan: PrunePlan | None, metadata: dict[str, Any]) -> None:
-    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan)."""
-    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata=metadata)
+    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan, and
+    the data spec it was made with, when there was data)."""
+    data = {DATA_KEY: ws.config.data.spec} if ws.data is not None else {}
+    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata={**metadata, **data})
 
 
 def finetune_model(
@@ -242,7 +443,7 @@ def finetune_model(
     """Fine-tune `model` with the configured settings; best checkpoints are full workbench
     checkpoints, tracked on the validation split."""
     return finetune(
-        model, ws.data, ws.normalization, ws.config.finetune, out_dir, resume=resume,
+        model, ws.require_data("fine-tuning"), ws.normalization, ws.config.finetune, out_dir, resume=resume,
         save_model=lambda path, m, meta: save_model(ws, path, m, plan, meta),
         progress=progress, cancel=cancel, ctx=ws.ctx,
     )
@@ -250,11 +451,13 @@ def finetune_model(
 
 @dataclass
 class Evaluation:
-    """Clean and robust accuracy of one model, with the optional probes."""
+    """Clean and robust accuracy of one model, with the optional probes; `warnings` flag a
+    collapsed model and failed sanity checks of the attacks in words."""
 
     robustness: RobustnessReport
     frequency: FrequencyReport | None
     corruption: CorruptionReport | None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         report = self.robustness
@@ -267,6 +470,7 @@ class Evaluation:
             "images_per_second": report.images_per_second,
             "frequency": None if self.frequency is None else self.frequency.to_dict(),
             "corruption": None if self.corruption is None else self.corruption.to_dict(),
+            "warnings": list(self.warnings),
         }
 
 
@@ -274,33 +478,37 @@ def evaluate(
     ws: Workspace,
     model: nn.Module,
     *,
+    label: str = "model",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model. Under torchrun the attacks and probes are sharded over the
-    processes."""
+    equivalent of a pruned model; `label` names the model in warnings. Under torchrun the attacks
+    and probes are sharded over the processes."""
     cfg = ws.config.evaluate
+    data = ws.require_data("evaluation")
     model = dense_equivalent(model)
     common = dict(
         device=str(ws.device), batch_size=cfg.batch_size, progress=progress, cancel=cancel,
     )
     limit = cfg.max_examples or None
     robustness = evaluate_sharded(
-        model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
+        model, ws.normalization, data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
         max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
     )
     frequency = (
-        frequency_sharded(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
+        frequency_sharded(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
                           max_examples=limit, **common)
         if cfg.frequency else None
     )
     corruption = (
-        corruption_sharded(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
+        corruption_sharded(model, ws.normalization, data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
                            max_examples=limit, **common)
         if cfg.corruption else None
     )
-    return Evaluation(robustness, frequency, corruption)
+    warnings = collapse_warnings(label, robustness.clean_acc, robustness.clean_predicted, data.classes)
+    warnings += [f"{label}: {w}" for w in robustness.warnings]
+    return Evaluation(robustness, frequency, corruption, warnings)
 
 
 def needs_snapshots(config: RunConfig) -> bool:
@@ -322,6 +530,8 @@ def plan_of(checkpoint: LoadedCheckpoint) -> PrunePlan | None:
 def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
     """The `prune` and `deploy` sections of the report."""
     plan, before, after = outcome.plan, outcome.cost_before, outcome.cost_after
+    recalibration = outcome.recalibration
+    original, pruned = outcome.latency["original"], outcome.latency["pruned"]
     return {
         "prune": {
             "method": plan.method,
@@ -338,6 +548,11 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "macs_reduction": 1 - after.macs / before.macs,
             "seconds": outcome.seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
+            "equivalence_input": outcome.equivalence_input,
+            "accuracy": None if outcome.accuracy is None else outcome.accuracy.to_dict(),
+            "recalibration": None if recalibration is None else recalibration.to_dict(),
+            "snapshots": outcome.snapshots,
+            "warnings": outcome.warnings,
             "layers": [
                 {"name": l.name, "in_channels": l.in_channels, "out_channels": l.out_channels,
                  "kept": l.kept, "achieved_ratio": l.achieved_ratio}
@@ -348,7 +563,9 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
         "deploy": {
             "form": outcome.deploy.get("form"),
             "batch": outcome.latency_batch,
-            "latency_ms": outcome.latency_ms,
+            "latency_ms": {"original": original.median_ms, "pruned": pruned.median_ms, "speedup": outcome.speedup},
+            "latency": {"original": original.to_dict(), "pruned": pruned.to_dict(), "verdict": outcome.latency_verdict},
+            "counts": outcome.deploy.get("counts"),
             "layers": outcome.deploy.get("layers"),
         },
     }

@@ -228,10 +228,10 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
             finish("finetune", {"finetune": pipeline.finetune_section(ws, result)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
         label = _model_label(plan, state["completed"])
-        evaluation = pipeline.evaluate(ws, model, progress=about(label), cancel=cancel).to_dict()
+        evaluation = pipeline.evaluate(ws, model, label=label, progress=about(label), cancel=cancel).to_dict()
         if config.evaluate.baseline and plan is not None and "prune" in config.run.stages:
-            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, progress=about("unpruned model"),
-                                                       cancel=cancel).to_dict()
+            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, label="unpruned model",
+                                                       progress=about("unpruned model"), cancel=cancel).to_dict()
         finish("evaluate", {"evaluate": evaluation})
     log.info("run finished")
     if progress is not None:
@@ -259,11 +259,10 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append(("layers pruned / skipped", f"{len(prune['layers'])} / {len(prune['layers_skipped'])}"))
         rows.append(("prune time", f"{prune['seconds']:.2f} s"))
         rows.append(("equivalence max |err|", f"{prune['equivalence_max_abs_err']:.2e}"))
+        rows.extend(_accuracy_rows(prune))
     deploy = report.get("deploy")
     if deploy:
-        lat = deploy["latency_ms"]
-        rows.append((f"latency ({deploy['form']}, batch {deploy['batch']})",
-                     f"{lat['original']:.2f} ms -> {lat['pruned']:.2f} ms ({lat['speedup']:.2f}x)"))
+        rows.extend(_latency_rows(deploy))
     finetune = report.get("finetune")
     if finetune:
         epochs = finetune["epochs"]
@@ -284,7 +283,49 @@ def summary_table(report: dict[str, Any]) -> str:
             parts = [f"θ={r['theta']:g}: {100 * r['low_acc']:.1f}/{100 * r['high_acc']:.1f}%" for r in ev["frequency"]["rows"]]
             rows.append(("low/high-pass accuracy", ", ".join(parts)))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    warnings = report.get("warnings") or []
+    return "\n".join(lines + ([""] if warnings else []) + [f"warning: {w}" for w in warnings])
+
+
+def _accuracy_rows(prune: dict[str, Any]) -> list[tuple[str, str]]:
+    """Validation accuracy of the unpruned, raw pruned and recalibrated model."""
+    accuracy, recalibration = prune.get("accuracy"), prune.get("recalibration")
+    if accuracy is None:
+        return [("accuracy after pruning", "not measured (no data)")]
+    n = accuracy["n"]
+    rows = [(f"val accuracy unpruned (n={n})", f"{100 * accuracy['before']:.2f}%"),
+            ("  pruned, raw", f"{100 * accuracy['raw']:.2f}%")]
+    if accuracy["recalibrated"] is not None:
+        rows.append((f"  recalibrated ({recalibration['images']} images)", f"{100 * accuracy['recalibrated']:.2f}%"))
+    return rows
+
+
+def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
+    """Median latency with its interquartile range over interleaved rounds, the verdict, and
+    how the pruned layers were deployed."""
+    latency = deploy["latency"]
+    before, after = latency["original"], latency["pruned"]
+
+    def spread(t: dict[str, Any]) -> str:
+        return f"{t['median_ms']:.2f} ms (IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})"
+
+    verdict = latency["verdict"]
+    if verdict != "within noise":
+        verdict = f"{deploy['latency_ms']['speedup']:.2f}x, {verdict}"
+    counts = deploy.get("counts") or {}
+    layers = deploy.get("layers") or {}
+    grouped = [name for name, layer in layers.items() if layer["form"] == "grouped"]
+    forms = f"{counts.get('grouped', 0)} grouped, {counts.get('dense', 0)} dense"
+    if grouped and len(grouped) < len(layers):
+        forms += f" (grouped: {', '.join(grouped)})"
+    elif not grouped:
+        forms += " (the original computation with zeros: any latency change is noise)"
+    return [
+        (f"latency ({deploy['form']}, batch {deploy['batch']}, {before['rounds']} rounds)",
+         f"{spread(before)} -> {spread(after)}: {verdict}"),
+        ("pruned layers deployed", forms),
+    ]
 
 
 def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:
