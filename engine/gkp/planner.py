@@ -4,11 +4,10 @@ decision-trace events as it goes. Its settings are `prune_config.PruneConfig`.""
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +22,15 @@ from .plan import LayerPlan, PrunePlan, SkippedLayer
 from .prune_config import CLUSTER_PREFIX, PruneConfig
 from .selection import (
     Choice,
+    Group,
     GroupContext,
-    greedy_select,
+    greedy_many,
     grouped_kernels,
     kernel_distances,
     l2_select,
     least_smooth_select,
     random_select,
-    smooth_beam_select,
+    smooth_beam_many,
 )
 from .smoothness import kernel_smoothness
 from .tmi import cluster_filters, tmi_grouping
@@ -44,6 +44,8 @@ from .traces import (
     TraceEvent,
     Tracer,
 )
+
+_WINDOW_ELEMENTS = 1 << 22  # distance-matrix entries of the groups one window searches together
 
 
 def _epochs_text(epochs: Sequence[int]) -> str:
@@ -165,77 +167,121 @@ def _group_smoothness(job: _LayerJob, filters: list[int]) -> np.ndarray:
     return job.heat[filters].sum(axis=0)
 
 
-def _select(job: _LayerJob, selection: str, config: PruneConfig, filter_groups: list[list[int]],
-            cancel: threading.Event | None) -> list[Choice]:
-    """Stage 2 for one layer: each group's kept grouped kernels. Groups run on a thread per core
-    (numpy releases the GIL in the heavy array work) and their events are emitted from the
-    calling thread in group order; a `full` trace runs them in turn so its volume streams."""
-    jobs = list(enumerate(filter_groups))
-    if job.tracer is not None and job.tracer.full:
-        return [_select_group(job, selection, config, g, filters, cancel)[0] for g, filters in jobs]
-    choices = []
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(_select_group, job, selection, config, g, filters, cancel) for g, filters in jobs]
-        try:
-            for future in futures:
-                choice, events = future.result()
-                check_cancel(cancel)
-                for event in events:
-                    job.tracer.emit(event)  # type: ignore[union-attr]
-                choices.append(choice)
-        finally:
-            for future in futures:
-                future.cancel()
-    return choices
+@dataclass
+class _Staged:
+    """A layer after Stage 1: its groups and the events so far; Stage 2 adds each group's choice
+    and events."""
+
+    job: _LayerJob
+    grouping: str
+    filter_groups: list[list[int]]
+    events: list[TraceEvent]
+    group_events: list[list[TraceEvent]]
+    choices: list[Choice] | None = None
 
 
-def _select_group(job: _LayerJob, selection: str, config: PruneConfig, g: int, filters: list[int],
-                  cancel: threading.Event | None) -> tuple[Choice, list[TraceEvent]]:
-    """One group's choice and its events (streamed straight to a `full` tracer, else returned)."""
-    check_cancel(cancel)
-    events: list[TraceEvent] = []
-    context = None
-    if job.tracer is not None:
-        sink = job.tracer if job.tracer.full else Tracer(events.append, job.tracer.level)
-        context = GroupContext(sink, job.layer.name, g)
-    kept, name = job.layer.kept, job.layer.name
-    assert kept is not None
-    if selection == "smooth-beam":
-        choice = smooth_beam_select(
-            kernel_distances(grouped_kernels(job.array, filters)), _group_smoothness(job, filters), kept,
-            beam_width=config.beam_width, check_every=config.check_every, alpha=config.csb_alpha,
-            freeze_beta=config.compat == "reference", context=context, cancel=cancel,
-        )
-    elif selection == "greedy":
-        choice = greedy_select(kernel_distances(grouped_kernels(job.array, filters)), kept,
-                               gamma_ratio=config.gamma_ratio, beta=config.beta, context=context, cancel=cancel)
-    elif selection == "l2":
-        choice = l2_select(grouped_kernels(job.array, filters), kept, context)
-    elif selection == "least-smooth":
-        choice = least_smooth_select(_group_smoothness(job, filters), kept, context)
-    else:
-        choice = random_select(job.layer.in_channels, kept, _rng(config.seed, name, 2, g), context)
-    return choice, events
-
-
-def _prune_layer(job: _LayerJob, config: PruneConfig, cancel: threading.Event | None) -> LayerPlan:
+def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool) -> _Staged:
+    """Stage 1 of one layer, its events kept for later (or, when `stream`, emitted now)."""
     layer, tracer = job.layer, job.tracer
     grouping = "magnitude-snaking" if _pointwise(layer) else config.resolved_grouping
-    selection = config.resolved_selection
-    if tracer is not None:
-        tracer.emit(LayerStart(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size,
-                               config.groups, layer.kept, grouping, selection, config.compat))  # type: ignore[arg-type]
+    events: list[TraceEvent] = []
+    if tracer is not None and not stream:
+        job = dataclasses.replace(job, tracer=Tracer(events.append, tracer.level))
+    if job.tracer is not None:
+        job.tracer.emit(LayerStart(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size,
+                                   config.groups, layer.kept, grouping, config.resolved_selection,  # type: ignore[arg-type]
+                                   config.compat))
     filter_groups, used = _group_filters(job, grouping, config)
-    choices = _select(job, selection, config, filter_groups, cancel)
+    return _Staged(dataclasses.replace(job, tracer=tracer), used, filter_groups, events,
+                   [[] for _ in filter_groups])
+
+
+def _context(staged: _Staged, g: int, stream: bool) -> GroupContext | None:
+    tracer = staged.job.tracer
+    if tracer is None:
+        return None
+    return GroupContext(tracer if stream else Tracer(staged.group_events[g].append, tracer.level),
+                        staged.job.layer.name, g)
+
+
+def _stage_two(window: list[_Staged], config: PruneConfig, stream: bool, cancel: threading.Event | None) -> None:
+    """Stage 2 of a window of layers of one shape: the beam or greedy searches of all their groups
+    run together."""
+    selection = config.resolved_selection
+    if selection in ("smooth-beam", "greedy"):
+        groups = [
+            Group(kernel_distances(grouped_kernels(s.job.array, filters)),
+                  _group_smoothness(s.job, filters) if selection == "smooth-beam" else None, _context(s, g, stream))
+            for s in window for g, filters in enumerate(s.filter_groups)
+        ]
+        kept = window[0].job.layer.kept
+        assert kept is not None
+        if selection == "smooth-beam":
+            choices = smooth_beam_many(
+                groups, kept, beam_width=config.beam_width, check_every=config.check_every, alpha=config.csb_alpha,
+                freeze_beta=config.compat == "reference", cancel=cancel,
+            )
+        else:
+            choices = greedy_many(groups, kept, gamma_ratio=config.gamma_ratio, beta=config.beta, cancel=cancel)
+        for s in window:
+            s.choices, choices = choices[: len(s.filter_groups)], choices[len(s.filter_groups):]
+        return
+    for s in window:
+        job, kept, name = s.job, s.job.layer.kept, s.job.layer.name
+        assert kept is not None
+        s.choices = []
+        for g, filters in enumerate(s.filter_groups):
+            check_cancel(cancel)
+            context = _context(s, g, stream)
+            if selection == "l2":
+                s.choices.append(l2_select(grouped_kernels(job.array, filters), kept, context))
+            elif selection == "least-smooth":
+                s.choices.append(least_smooth_select(_group_smoothness(job, filters), kept, context))
+            else:
+                s.choices.append(random_select(job.layer.in_channels, kept, _rng(config.seed, name, 2, g), context))
+
+
+def _finish_layer(staged: _Staged, config: PruneConfig, cancel: threading.Event | None) -> LayerPlan:
+    """Emit a layer's kept events group by group and return its plan."""
+    layer, tracer, choices = staged.job.layer, staged.job.tracer, staged.choices
+    assert choices is not None
+    if tracer is not None:
+        for event in staged.events:
+            tracer.emit(event)
+        for events in staged.group_events:
+            check_cancel(cancel)
+            for event in events:
+                tracer.emit(event)
     scores = [c.score for c in choices]
     score = None if any(s is None for s in scores) else float(sum(scores))  # type: ignore[arg-type]
-    plan = LayerPlan(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size, filter_groups,
-                     [c.kept for c in choices], used, selection, score)
+    plan = LayerPlan(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size, staged.filter_groups,
+                     [c.kept for c in choices], staged.grouping, config.resolved_selection, score)
     plan.check()
     if tracer is not None:
-        tracer.emit(LayerDone(layer.name, used, selection, tuple(tuple(g) for g in filter_groups),
+        tracer.emit(LayerDone(layer.name, staged.grouping, config.resolved_selection,
+                              tuple(tuple(g) for g in staged.filter_groups),
                               tuple(tuple(c.kept) for c in choices), plan.achieved_ratio, score))
     return plan
+
+
+def _windows(layers: list[ConvLayer], config: PruneConfig, stream: bool) -> list[list[ConvLayer]]:
+    """Runs of consecutive layers whose eligible ones share C_in and S, so their groups search
+    together; a run holds at most `_WINDOW_ELEMENTS` of distance matrices. When events stream
+    (a `full` trace) a run ends at each eligible layer, so events keep their order."""
+    windows: list[list[ConvLayer]] = [[]]
+    key, elements = None, 0
+    for layer in layers:
+        if stream and key is not None:
+            windows.append([])
+            key = None
+        if layer.eligible:
+            size = config.groups * layer.in_channels ** 2
+            if key is not None and (key != (layer.in_channels, layer.kept) or elements + size > _WINDOW_ELEMENTS):
+                windows.append([])
+                elements = 0
+            key, elements = (layer.in_channels, layer.kept), elements + size
+        windows[-1].append(layer)
+    return [w for w in windows if w]
 
 
 def plan_pruning(
@@ -262,19 +308,31 @@ def plan_pruning(
     epochs = _ticket_snapshots(config, snapshots) if needs_tickets else []
     tracer = None if on_event is None else Tracer(on_event, config.trace_level)
     modules = dict(model.named_modules())
+    stream = tracer is not None and tracer.full
     planned: list[LayerPlan] = []
     skipped: list[SkippedLayer] = []
-    for layer in layers:
+    for window in _windows(layers, config, stream):
         check_cancel(cancel)
-        if not layer.eligible:
+        staged: dict[str, _Staged] = {}
+        for layer in window:
+            if not layer.eligible:
+                if stream and tracer is not None:
+                    tracer.emit(LayerSkipped(layer.name, layer.reason or "not eligible"))
+                continue
+            report(progress, Progress("prune", len(planned) + len(staged), len(eligible), layer.name))
+            weight = _layer_weight(layer.name, modules[layer.name])
+            tickets = _layer_tickets(layer.name, weight.shape, epochs, snapshots) if epochs and not _pointwise(layer) else []  # type: ignore[arg-type]
+            heat = kernel_smoothness(weight, config.smoothness_power).numpy()
+            staged[layer.name] = _stage_one(_LayerJob(layer, weight, heat, tickets, tracer), config, stream)
+            check_cancel(cancel)
+        if staged:
+            _stage_two(list(staged.values()), config, stream, cancel)
+        for layer in window:
+            if layer.eligible:
+                planned.append(_finish_layer(staged[layer.name], config, cancel))
+                continue
             skipped.append(SkippedLayer(layer.name, layer.reason or "not eligible"))
-            if tracer is not None:
+            if tracer is not None and not stream:
                 tracer.emit(LayerSkipped(layer.name, layer.reason or "not eligible"))
-            continue
-        report(progress, Progress("prune", len(planned), len(eligible), layer.name))
-        weight = _layer_weight(layer.name, modules[layer.name])
-        tickets = _layer_tickets(layer.name, weight.shape, epochs, snapshots) if epochs and not _pointwise(layer) else []  # type: ignore[arg-type]
-        heat = kernel_smoothness(weight, config.smoothness_power).numpy()
-        planned.append(_prune_layer(_LayerJob(layer, weight, heat, tickets, tracer), config, cancel))
     report(progress, Progress("prune", len(planned), len(eligible), "done"))
     return PrunePlan(method=config.method, params=config.params(), layers=planned, skipped=skipped, arch=arch)
