@@ -20,10 +20,11 @@ from typing import Any, TextIO
 
 from engine import pipeline
 from engine.common.errors import Cancelled, ConfigError, WorkbenchError
-from engine.common.fileio import AtomicJsonLines, write_json_atomic
+from engine.common.fileio import write_json_atomic
 from engine.common.progress import Progress
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
+from engine.gkp.traces import TraceFile
 from engine.report import build_report
 from sample_models import is_sample, use_sample_when_unset
 
@@ -144,8 +145,8 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
             reopened = load_checkpoint(out / "pruned.pt")
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
-            with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
-                on_event = writer.write if writer is not None else None
+            with TraceFile(out / "decisions.jsonl") if main else nullcontext() as writer:
+                on_event = writer.emit if writer is not None else None
                 outcome = pipeline.prune(ws, on_event=on_event, progress=progress, cancel=cancel)
             model, plan = outcome.model, outcome.plan
             if main:

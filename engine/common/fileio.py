@@ -46,8 +46,8 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 class AtomicJsonLines:
-    """Stream JSON lines (dicts, or objects with `to_dict()`) into a temporary file that replaces
-    `path` only when the `with` block ends without an exception."""
+    """Stream JSON lines, already encoded, into a temporary file that replaces `path` only when
+    the `with` block ends without an exception."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -56,10 +56,11 @@ class AtomicJsonLines:
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         self.count = 0
 
-    def write(self, record: Any) -> None:
-        data = record.to_dict() if hasattr(record, "to_dict") else record
-        self._handle.write(json.dumps(data, sort_keys=True) + "\n")
-        self.count += 1
+    def write_lines(self, lines: list[str]) -> None:
+        """Append already-encoded JSON lines (without their newlines) in one write."""
+        if lines:
+            self._handle.write("\n".join(lines) + "\n")
+            self.count += len(lines)
 
     def __enter__(self) -> "AtomicJsonLines":
         return self

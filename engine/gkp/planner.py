@@ -207,7 +207,7 @@ def _context(staged: _Staged, g: int, stream: bool) -> GroupContext | None:
 def _stage_two(window: list[_Staged], config: PruneConfig, stream: bool, cancel: threading.Event | None) -> None:
     """Stage 2 of a window of layers of one shape: the beam or greedy searches of all their groups
     run together."""
-    selection = config.resolved_selection
+    selection, reference = config.resolved_selection, config.compat == "reference"
     if selection in ("smooth-beam", "greedy"):
         groups = [
             Group(kernel_distances(grouped_kernels(s.job.array, filters)),
@@ -219,10 +219,11 @@ def _stage_two(window: list[_Staged], config: PruneConfig, stream: bool, cancel:
         if selection == "smooth-beam":
             choices = smooth_beam_many(
                 groups, kept, beam_width=config.beam_width, check_every=config.check_every, alpha=config.csb_alpha,
-                freeze_beta=config.compat == "reference", cancel=cancel,
+                freeze_beta=reference, cut_at_final=reference, cancel=cancel,
             )
         else:
-            choices = greedy_many(groups, kept, gamma_ratio=config.gamma_ratio, beta=config.beta, cancel=cancel)
+            choices = greedy_many(groups, kept, gamma_ratio=config.gamma_ratio, beta=config.beta,
+                                  floor_gamma=not reference, cancel=cancel)
         for s in window:
             s.choices, choices = choices[: len(s.filter_groups)], choices[len(s.filter_groups):]
         return

@@ -15,7 +15,7 @@ from engine.gkp.plan import PrunePlan
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import GROUPINGS, SELECTIONS, PruneConfig
 from engine.gkp.selection import pair_beta
-from engine.gkp.traces import LayerStart, StartResults, TraceEvent
+from engine.gkp.traces import BeamCut, BeamFinal, LayerStart, StartResults, TraceEvent
 from engine.models.cifar_resnet import CifarResNet
 
 
@@ -103,6 +103,31 @@ def test_compat_reference_freezes_beta_at_the_first_cut():
     beta = {compat: next(e for e in sink if isinstance(e, StartResults) and e.layer == "2").beta
             for compat, sink in events.items()}
     assert beta == {"paper": pair_beta(9, 16), "reference": pair_beta(4, 16)}
+
+
+def test_compat_reference_cuts_at_the_final_size():
+    # rate 0.375 of C_in = 16: S = 10 either way, and S - 1 = 9 is a multiple of check_every = 3
+    cuts = {}
+    for compat in ("paper", "reference"):
+        events: list[TraceEvent] = []
+        plan = plan_pruning(tiny(), PruneConfig(compat=compat, groups=4, rate=0.375), on_event=events.append)
+        assert plan.layer("2").kept == 10
+        cuts[compat] = sorted({e.size for e in events if isinstance(e, BeamCut) and e.layer == "2"})
+        finals = [e for e in events if isinstance(e, BeamFinal) and e.layer == "2"]
+        assert {len(e.candidates) for e in finals} == {2 if compat == "reference" else 16}
+    assert cuts == {"paper": [4, 7], "reference": [4, 7, 10]}
+
+
+def test_compat_reference_gamma_has_no_floor():
+    # rate 0.875 of C_in = 16: S = 2 either way; gamma = floor(0.2 * 2) = 0 under reference
+    for compat, gamma in (("paper", 1), ("reference", 0)):
+        events: list[TraceEvent] = []
+        plan_pruning(tiny(), PruneConfig(compat=compat, groups=4, rate=0.875, grouping="random", selection="greedy"),
+                     on_event=events.append)
+        results = [e for e in events if isinstance(e, StartResults) and e.layer == "2"]
+        assert {len(m) for r in results for m in r.members} == {2}
+        assert {r.gamma for r in results} == {gamma}
+        assert ({r.beta for r in results} == {0.0}) == (compat == "reference")
 
 
 def test_tmi_weighting_follows_compat():
