@@ -20,7 +20,7 @@ from .common.progress import ProgressCallback, check_cancel
 from .config import RunConfig
 from .data.datasets import DataBundle, load_data
 from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
-from .formats.snapshots import load_snapshots
+from .formats.snapshots import SnapshotSource, open_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
 from .gkp.planner import plan_pruning
@@ -137,9 +137,9 @@ def check_prunable(ws: Workspace) -> None:
     )
 
 
-def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
+def load_ticket_snapshots(ws: Workspace) -> SnapshotSource:
     """Training snapshots of the ticket window for TMI-GKP, from the configured folder or
-    archive."""
+    archive, read one at a time as pruning asks for them."""
     if ws.config.model.snapshots:
         source = Path(ws.config.model.snapshots)
     else:
@@ -148,7 +148,7 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
             "(a folder of per-epoch checkpoints)"
         )
     p = ws.config.prune
-    return load_snapshots(
+    return open_snapshots(
         source, reference=ws.checkpoint.state_dict, window=tuple(p.ticket_window), step=p.ticket_step
     )
 

@@ -99,7 +99,7 @@ def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progre
         if "prune" in config.run.stages and "prune" not in state["completed"]:
             pipeline.check_prunable(ws)
             if pipeline.needs_snapshots(config):
-                pipeline.load_ticket_snapshots(ws)  # fail on missing snapshots before writing anything
+                pipeline.load_ticket_snapshots(ws).check()  # fail on bad snapshots before writing anything
         pipeline.check_evaluation_config(config)
         main = ws.ctx.is_main
         if main:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from .selection import (
     smooth_beam_many,
 )
 from .smoothness import kernel_smoothness
-from .tmi import cluster_filters, tmi_grouping
+from .tmi import cluster_filters, flatten_filters, tmi_filter_scores, tmi_grouping
 from .traces import (
     Clustering,
     LayerDone,
@@ -62,7 +62,7 @@ def _epochs_text(epochs: Sequence[int]) -> str:
     return ", ".join(parts) or "none"
 
 
-def _ticket_snapshots(config: PruneConfig, snapshots: dict[int, dict[str, torch.Tensor]] | None) -> list[int]:
+def _ticket_snapshots(config: PruneConfig, snapshots: Mapping[int, Mapping[str, torch.Tensor]] | None) -> list[int]:
     """The ticket epochs, after checking the snapshots cover all of them."""
     epochs = config.ticket_epochs
     first, last = config.ticket_window
@@ -80,23 +80,39 @@ def _ticket_snapshots(config: PruneConfig, snapshots: dict[int, dict[str, torch.
     return epochs
 
 
-def _layer_tickets(name: str, shape: torch.Size, epochs: list[int],
-                   snapshots: dict[int, dict[str, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
-    """The layer's weight at every ticket epoch, checked for presence, shape and finiteness."""
-    key = f"{name}.weight"
-    tickets = []
-    for epoch in epochs:
-        weight = snapshots[epoch].get(key)
+def _ticket_scores(layers: list[ConvLayer], weights: dict[str, torch.Tensor], epochs: list[int],
+                   snapshots: Mapping[int, Mapping[str, torch.Tensor]], progress: ProgressCallback | None,
+                   cancel: threading.Event | None) -> dict[str, np.ndarray]:
+    """Per layer, the TMI score of every filter at every ticket epoch `(T, C_out)`, from one pass
+    over the snapshots that asks for each once (a lazy source then holds one at a time); each
+    layer's weight is checked for presence, shape and finiteness."""
+    finals = {layer.name: flatten_filters(weights[layer.name]) for layer in layers}
+    scores = {layer.name: np.empty((len(epochs), layer.out_channels)) for layer in layers}
+    for row, epoch in enumerate(epochs):
+        check_cancel(cancel)
+        report(progress, Progress("tickets", row, len(epochs), f"epoch {epoch}"))
+        for name, score in _scores_at(epoch, snapshots[epoch], finals, weights).items():
+            scores[name][row] = score
+    report(progress, Progress("tickets", len(epochs), len(epochs), "done"))
+    return scores
+
+
+def _scores_at(epoch: int, state: Mapping[str, torch.Tensor], finals: dict[str, np.ndarray],
+               weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every layer's filter TMI scores at one ticket epoch (the snapshot is let go on return)."""
+    scores = {}
+    for name, final in finals.items():
+        key, shape = f"{name}.weight", tuple(weights[name].shape)
+        weight = state.get(key)
         if weight is None:
             raise SnapshotError(f"the snapshot of epoch {epoch} has no weight {key!r}")
-        if tuple(weight.shape) != tuple(shape):
-            raise SnapshotError(
-                f"the snapshot of epoch {epoch} has {key} of shape {tuple(weight.shape)}, the model {tuple(shape)}"
-            )
-        if not np.isfinite(weight.detach().cpu().numpy()).all():
+        if tuple(weight.shape) != shape:
+            raise SnapshotError(f"the snapshot of epoch {epoch} has {key} of shape {tuple(weight.shape)}, the model {shape}")
+        ticket = flatten_filters(weight)
+        if not np.isfinite(ticket).all():
             raise SnapshotError(f"the snapshot of epoch {epoch} has NaN or infinite values in {key}")
-        tickets.append((epoch, weight))
-    return tickets
+        scores[name] = tmi_filter_scores(final, ticket[None])[0]
+    return scores
 
 
 def _layer_weight(name: str, module: nn.Module) -> torch.Tensor:
@@ -127,7 +143,7 @@ class _LayerJob:
     layer: ConvLayer
     weight: torch.Tensor
     heat: np.ndarray
-    tickets: list[tuple[int, torch.Tensor]]
+    ticket_scores: np.ndarray | None
     tracer: Tracer | None
 
     @property
@@ -157,7 +173,9 @@ def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig) -> tuple[
             tracer.emit(Clustering(name, scheme, tuple(tuple(g) for g in found.filter_groups), found.eps,
                                    found.raw_clusters))
         return found.filter_groups, grouping
-    chosen = tmi_grouping(weight, job.tickets, n, schemes=config.tmi_schemes, seed=_seed(config.seed, name, 1),
+    assert job.ticket_scores is not None
+    chosen = tmi_grouping(weight, config.ticket_epochs, job.ticket_scores, n, schemes=config.tmi_schemes,
+                          seed=_seed(config.seed, name, 1),
                           alpha=config.tmi_alpha, weighting=config.compat, layer=name, tracer=tracer)
     return chosen.filter_groups, f"tmi:{chosen.scheme}"
 
@@ -289,7 +307,7 @@ def plan_pruning(
     model: nn.Module,
     config: PruneConfig,
     *,
-    snapshots: dict[int, dict[str, torch.Tensor]] | None = None,
+    snapshots: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     arch: dict | None = None,
     on_event: Callable[[TraceEvent], None] | None = None,
     progress: ProgressCallback | None = None,
@@ -307,8 +325,11 @@ def plan_pruning(
     eligible = [layer for layer in layers if layer.eligible]
     needs_tickets = config.resolved_grouping == "tmi" and not all(_pointwise(layer) for layer in eligible)
     epochs = _ticket_snapshots(config, snapshots) if needs_tickets else []
-    tracer = None if on_event is None else Tracer(on_event, config.trace_level)
     modules = dict(model.named_modules())
+    ticketed = [layer for layer in eligible if epochs and not _pointwise(layer)]
+    ticket_scores = _ticket_scores(ticketed, {layer.name: _layer_weight(layer.name, modules[layer.name])
+                                              for layer in ticketed}, epochs, snapshots, progress, cancel) if ticketed else {}  # type: ignore[arg-type]
+    tracer = None if on_event is None else Tracer(on_event, config.trace_level)
     stream = tracer is not None and tracer.full
     planned: list[LayerPlan] = []
     skipped: list[SkippedLayer] = []
@@ -322,9 +343,9 @@ def plan_pruning(
                 continue
             report(progress, Progress("prune", len(planned) + len(staged), len(eligible), layer.name))
             weight = _layer_weight(layer.name, modules[layer.name])
-            tickets = _layer_tickets(layer.name, weight.shape, epochs, snapshots) if epochs and not _pointwise(layer) else []  # type: ignore[arg-type]
             heat = kernel_smoothness(weight, config.smoothness_power).numpy()
-            staged[layer.name] = _stage_one(_LayerJob(layer, weight, heat, tickets, tracer), config, stream)
+            job = _LayerJob(layer, weight, heat, ticket_scores.get(layer.name), tracer)
+            staged[layer.name] = _stage_one(job, config, stream)
             check_cancel(cancel)
         if staged:
             _stage_two(list(staged.values()), config, stream, cancel)

@@ -286,20 +286,19 @@ def tally_votes(winners: Sequence[int], n_schemes: int) -> VoteResult:
     return VoteResult(tally.tolist(), longest.tolist(), int(best))
 
 
-def tmi_grouping(weight: torch.Tensor, tickets: Sequence[tuple[int, torch.Tensor]], groups: int, *,
+def tmi_grouping(weight: torch.Tensor, epochs: Sequence[int], filter_scores: np.ndarray, groups: int, *,
                  schemes: Sequence[str] = SCHEMES, seed: int = 0, alpha: float = 0.5,
                  weighting: str = "paper", layer: str = "", tracer: Tracer | None = None) -> TmiGrouping:
-    """TMI-GKP Stage 1 for one layer: cluster once per scheme, score every ticket `(epoch,
-    weight)` against every clustering, and use the scheme the tickets vote for."""
-    final = flatten_filters(weight)
+    """TMI-GKP Stage 1 for one layer: cluster once per scheme, score every ticket (`epochs[t]`,
+    with its filters' TMI scores `filter_scores[t]`) against every clustering, and use the scheme
+    the tickets vote for."""
     found = [cluster_filters(weight, scheme, groups, seed + index) for index, scheme in enumerate(schemes)]
     if tracer is not None:
         for result in found:
             tracer.emit(Clustering(layer, result.scheme, _tuples(result.filter_groups), result.eps, result.raw_clusters))
-    stacked = np.stack([flatten_filters(w) for _, w in tickets])
-    per_ticket = score_tickets(tmi_filter_scores(final, stacked), [r.filter_groups for r in found], alpha, weighting)
+    per_ticket = score_tickets(filter_scores, [r.filter_groups for r in found], alpha, weighting)
     if tracer is not None:
-        for (epoch, _), result in zip(tickets, per_ticket):
+        for epoch, result in zip(epochs, per_ticket):
             tracer.emit(TmiTicket(
                 layer, int(epoch), tuple(schemes), _tuples(result.group_scores.tolist()),
                 _tuples(result.gaps.tolist()), tuple(result.gap_mean.tolist()), tuple(result.gap_var.tolist()),
@@ -308,7 +307,7 @@ def tmi_grouping(weight: torch.Tensor, tickets: Sequence[tuple[int, torch.Tensor
             ))
     vote = tally_votes([r.winner for r in per_ticket], len(schemes))
     if tracer is not None:
-        tracer.emit(TmiVote(layer, tuple(schemes), tuple(int(e) for e, _ in tickets),
+        tracer.emit(TmiVote(layer, tuple(schemes), tuple(int(e) for e in epochs),
                             tuple(schemes[r.winner] for r in per_ticket), tuple(vote.tally),
                             tuple(vote.longest_run), schemes[vote.winner]))
     return TmiGrouping(schemes[vote.winner], found[vote.winner].filter_groups)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -141,6 +143,42 @@ def test_tmi_weighting_follows_compat():
         expected = [(m + 0.25 * v) if compat == "paper" else (0.25 * m + v)
                     for m, v in zip(ticket.rank_mean, ticket.rank_var)]
         assert list(ticket.score) == expected
+
+
+class OneAtATime(Mapping):
+    """Snapshots that record each read and check the previous snapshot was let go first."""
+
+    class State(dict):
+        pass
+
+    def __init__(self, snapshots):
+        self.snapshots, self.reads, self.given = snapshots, [], []
+
+    def __getitem__(self, epoch):
+        assert all(ref() is None for ref in self.given), "a snapshot is still held while the next is read"
+        self.reads.append(epoch)
+        state = self.State(self.snapshots[epoch])
+        self.given.append(weakref.ref(state))
+        return state
+
+    def __iter__(self):
+        return iter(self.snapshots)
+
+    def __len__(self):
+        return len(self.snapshots)
+
+    def __contains__(self, epoch):
+        return epoch in self.snapshots
+
+
+def test_tmi_reads_each_snapshot_once_and_holds_one_at_a_time():
+    model = tiny()
+    snapshots = snapshots_for(model, range(3, 7))
+    config = PruneConfig(method="tmi-gkp", ticket_window=(3, 6), seed=4)
+    source = OneAtATime(snapshots)
+    streamed = plan_pruning(model, config, snapshots=source)
+    assert source.reads == [3, 4, 5, 6]
+    assert streamed.to_json() == plan_pruning(model, config, snapshots=snapshots).to_json()
 
 
 def test_tmi_without_snapshots_is_a_clear_error():
