@@ -16,6 +16,7 @@ from torch import nn
 
 from .common.distributed import DistContext
 from .common.errors import ConfigError, SnapshotError
+from .common.memory import release_free_memory
 from .common.progress import ProgressCallback, check_cancel
 from .config import RunConfig
 from .data.datasets import DataBundle, load_data
@@ -165,6 +166,7 @@ class PruneOutcome:
     cost_after: ModelCost
     equivalence_max_abs_err: float
     seconds: float
+    step_seconds: dict[str, float]
     latency_ms: dict[str, float]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
@@ -187,8 +189,10 @@ def prune(
         ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
         on_event=on_event, progress=progress, cancel=cancel,
     )
-    seconds = time.perf_counter() - start
+    steps = {"plan": time.perf_counter() - start}
+    release_free_memory()  # the search's temporaries, before the model copies below
     check_cancel(cancel)
+    mark = time.perf_counter()
     original = ws.model.to(ws.device).eval()
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
@@ -198,11 +202,15 @@ def prune(
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
+    steps["rebuild"], mark = time.perf_counter() - mark, time.perf_counter()
     check_cancel(cancel)
-    masked = masked_dense(original, plan)
+    masked = masked_dense(original, plan, share_unplanned=True)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
+    del masked
+    steps["check"], mark = time.perf_counter() - mark, time.perf_counter()
     check_cancel(cancel)
     timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
+    steps["latency"] = time.perf_counter() - mark
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(
         plan=plan,
@@ -211,7 +219,8 @@ def prune(
         cost_before=ws.cost,
         cost_after=count_cost(grouped, ws.input_shape),
         equivalence_max_abs_err=error,
-        seconds=seconds,
+        seconds=steps["plan"],
+        step_seconds=steps,
         latency_ms={"original": before, "pruned": after, "speedup": before / after if after else 0.0},
         latency_batch=size,
         deploy=deploy_summary(deployed),
@@ -332,6 +341,7 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "macs_after": after.macs,
             "macs_reduction": 1 - after.macs / before.macs,
             "seconds": outcome.seconds,
+            "step_seconds": outcome.step_seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
             "layers": [
                 {"name": l.name, "in_channels": l.in_channels, "out_channels": l.out_channels,

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """Let `write` fill a temporary file beside `path`, fsync it, then rename it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write `data`."""
+    _write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -37,12 +42,10 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """`torch.save` through an in-memory buffer and an atomic rename."""
+    """`torch.save` straight into the temporary file (no in-memory copy), then an atomic rename."""
     import torch  # the JSON writers above serve torch-free callers (config, TUI start)
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicJsonLines:

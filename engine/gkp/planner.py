@@ -45,7 +45,7 @@ from .traces import (
     Tracer,
 )
 
-_WINDOW_ELEMENTS = 1 << 22  # distance-matrix entries of the groups one window searches together
+_WINDOW_ELEMENTS = 1 << 21  # distance-matrix entries of the groups one window searches together
 
 
 def _epochs_text(epochs: Sequence[int]) -> str:

@@ -148,7 +148,10 @@ def backtrack(starts: np.ndarray, parents: list[np.ndarray], addeds: list[np.nda
 def min_rank(values: np.ndarray) -> np.ndarray:
     """Per row, how many entries are strictly smaller: rank 0 = smallest, ties share the lower
     rank."""
-    return (values[:, None, :] < values[:, :, None]).sum(axis=2)
+    ranks = np.zeros(values.shape, dtype=np.int64)
+    for column in range(values.shape[1]):
+        ranks += values[:, column:column + 1] < values
+    return ranks
 
 
 @dataclass
@@ -185,14 +188,27 @@ def _with_bit(bits: np.ndarray, kernels: np.ndarray) -> np.ndarray:
 
 
 def _distinct(owner: np.ndarray, bits: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the first of each distinct (group, set) and every row's distinct index."""
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    """Index of one row of each distinct (group, set) and every row's distinct index."""
+    first, inverse = _groups_of_equal(key)
     if np.array_equal(bits[first][inverse], bits) and np.array_equal(owner[first][inverse], owner):
-        return first, inverse.ravel()
+        return first, inverse
     rows = np.ascontiguousarray(np.column_stack([owner.astype(np.uint64), bits]))  # a key collision: exact
     _, first, inverse = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))),
                                   return_index=True, return_inverse=True)
     return first, inverse.ravel()
+
+
+def _groups_of_equal(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One index per distinct key and each key's distinct index (`np.unique`'s, without its
+    stable sort)."""
+    order = key.argsort()
+    ordered = key[order]
+    starts = np.empty(len(key), dtype=bool)
+    starts[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    inverse = np.empty(len(key), dtype=np.intp)
+    inverse[order] = np.cumsum(starts) - 1
+    return order[starts], inverse
 
 
 def _propose(states: _States, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +233,7 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
     index); at cut sizes each lane ranks its candidates by Eq. 3 cost and smoothness, and
     `width` survive (ties: the rougher, then the first). `record` keeps every cut's details."""
     dq, sq, channels, kept = problems.dq, problems.sq, problems.channels, beam.kept
+    rows_of = dq.reshape(-1, channels)  # row `owner * C + kernel`: one gather along the first axis
     lanes = len(starts)
     at = np.arange(lanes)[:, None]
     keys = _Keys(len(problems), channels)
@@ -249,9 +266,14 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
         grown_owner = child_owner[first]
         child = _States(grown_owner, child_bits[first], states.key[rep] ^ keys.kernel[kernel],
                         states.inner[rep] + gain.ravel()[first], states.smooth[rep] + sq[grown_owner, kernel])
-        rows = dq[grown_owner, kernel]
-        nearest = np.minimum(states.mind[rep], rows)  # type: ignore[index]
+        rows = rows_of.take(grown_owner * channels + kernel, axis=0)
         final, cut = size == kept, beam.is_cut(size)
+        if not (final or cut):
+            child.runsum = states.runsum.take(rep, axis=0)  # type: ignore[union-attr]
+            child.runsum += rows
+            child.runsum[np.arange(len(kernel)), kernel] = _NEG
+        nearest = states.mind.take(rep, axis=0)  # type: ignore[union-attr]
+        np.minimum(nearest, rows, out=nearest)
         if final or cut:
             outer = nearest.sum(axis=1)
         if not cut:
@@ -260,8 +282,6 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
             if final:
                 entry = candidate
                 break
-            child.runsum = states.runsum[rep] + rows  # type: ignore[index]
-            child.runsum[np.arange(len(kernel)), kernel] = _NEG
             child.mind = nearest
             states, entry = child, candidate
             continue
@@ -286,12 +306,13 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
         if final:
             entry = survivors
             break
-        kept_states, entry = np.unique(survivors, return_inverse=True)
-        entry = entry.reshape(survivors.shape)
-        pick, rep_k, kernel_k = kept_states, rep[kept_states], kernel[kept_states]
+        first, inverse = _groups_of_equal(survivors.ravel())
+        pick, entry = survivors.ravel()[first], inverse.reshape(survivors.shape)
+        runsum = states.runsum.take(rep[pick], axis=0)  # type: ignore[union-attr]
+        runsum += rows.take(pick, axis=0)
+        runsum[np.arange(len(pick)), kernel[pick]] = _NEG
         states = _States(child.owner[pick], child.bits[pick], child.key[pick], child.inner[pick], child.smooth[pick],
-                         states.runsum[rep_k] + rows[pick], nearest[pick])  # type: ignore[index]
-        states.runsum[np.arange(len(pick)), kernel_k] = _NEG  # type: ignore[index]
+                         runsum, nearest.take(pick, axis=0))
     else:
         child = states  # kept == 1: every lane's only candidate is its start
     return Grown(starts, child.inner[entry], outer[entry], child.smooth[entry], parents, addeds, entry,

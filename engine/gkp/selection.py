@@ -40,7 +40,7 @@ __all__ = [
     "smooth_beam_select", "to_fixed_point",
 ]
 
-_CHUNK_ELEMENTS = 1 << 21  # lanes x candidates x C_in per chunk: 16 MB per int64 array at most
+_CHUNK_ELEMENTS = 1 << 20  # lanes x candidates x C_in per chunk: 8 MB per int64 array at most
 _T = TypeVar("_T")
 
 
@@ -260,21 +260,28 @@ def _finish(context: GroupContext | None, selection: str, beta: float, gamma: in
 def _emit_beams(grown: Grown, lanes: Sequence[tuple[GroupContext, float, float]], costs: np.ndarray,
                 pick: np.ndarray, beta: float) -> None:
     """Beam cut and final-candidate events of each lane of a recorded search; `lanes[row]` is
-    the lane's context and its group's distance and smoothness units."""
+    the lane's context and its group's distance and smoothness units. Arrays become Python
+    values once per cut, for all lanes together."""
+    units = np.array([unit for _, unit, _ in lanes])[:, None]
+    s_units = np.array([s_unit for _, _, s_unit in lanes])[:, None]
+    cuts = [
+        (cut, cut.members.tolist(), cut.added.tolist(), (cut.cost_q * units).tolist(), (cut.smooth_q * s_units).tolist(),
+         cut.rank_cost.tolist(), cut.rank_smooth.tolist(), cut.score.tolist(), cut.survived.tolist())
+        for cut in grown.cuts
+    ]
     finals = grown.members(np.broadcast_to(np.arange(grown.inner.shape[1]), grown.inner.shape)).tolist()
-    for row, (context, unit, s_unit) in enumerate(lanes):
+    final_costs, final_smooth = costs.tolist(), (grown.smooth * s_units).tolist()
+    starts, best = grown.starts.tolist(), pick.tolist()
+    for row, (context, _, _) in enumerate(lanes):
         emit, layer, group = context.tracer.emit, context.layer, context.group
-        start = int(grown.starts[row])
-        for cut in grown.cuts:
-            emit(BeamCut(layer, group, start, cut.size, cut.beta, tuple(map(
-                BeamCandidate, map(tuple, cut.members[row].tolist()), cut.added[row].tolist(),
-                (cut.cost_q[row] * unit).tolist(), (cut.smooth_q[row] * s_unit).tolist(),
-                cut.rank_cost[row].tolist(), cut.rank_smooth[row].tolist(), cut.score[row].tolist(),
-                cut.survived[row].tolist(),
+        for cut, members, added, cost, smooth, rank_cost, rank_smooth, score, survived in cuts:
+            emit(BeamCut(layer, group, starts[row], cut.size, cut.beta, tuple(map(
+                BeamCandidate, map(tuple, members[row]), added[row], cost[row], smooth[row], rank_cost[row],
+                rank_smooth[row], score[row], survived[row],
             ))))
-        emit(BeamFinal(layer, group, start, beta, tuple(map(
-            FinalCandidate, map(tuple, finals[row]), costs[row].tolist(), (grown.smooth[row] * s_unit).tolist(),
-        )), int(pick[row])))
+        emit(BeamFinal(layer, group, starts[row], beta, tuple(map(
+            FinalCandidate, map(tuple, finals[row]), final_costs[row], final_smooth[row],
+        )), best[row]))
 
 
 def l2_select(kernels: np.ndarray, kept: int, context: GroupContext | None = None) -> Choice:
