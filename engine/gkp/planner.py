@@ -33,7 +33,8 @@ from .selection import (
     smooth_beam_many,
 )
 from .smoothness import kernel_smoothness
-from .tmi import cluster_filters, flatten_filters, tmi_filter_scores, tmi_grouping
+from .clustering import ClusterJob, SchemeGroups, cluster_many, flatten_filters
+from .tmi import tmi_filter_scores, tmi_grouping
 from .traces import (
     Clustering,
     LayerDone,
@@ -151,12 +152,31 @@ class _LayerJob:
         return self.weight.numpy()
 
 
-def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig) -> tuple[list[list[int]], str]:
-    """Stage 1 for one layer: the filter groups and the grouping actually used."""
-    name, weight, tracer, n = job.layer.name, job.weight, job.tracer, config.groups
+def _grouping(layer: ConvLayer, config: PruneConfig) -> str:
+    return "magnitude-snaking" if _pointwise(layer) else config.resolved_grouping
+
+
+def _cluster_jobs(layer: ConvLayer, weight: torch.Tensor, config: PruneConfig) -> list[ClusterJob]:
+    """The clusterings Stage 1 of this layer needs: every TMI scheme, one forced scheme, or none."""
+    grouping, seed = _grouping(layer, config), _seed(config.seed, layer.name, 1)
+    if grouping == "tmi":
+        schemes = [(scheme, seed + index) for index, scheme in enumerate(config.tmi_schemes)]
+    elif grouping.startswith(CLUSTER_PREFIX):
+        schemes = [(grouping[len(CLUSTER_PREFIX):], seed)]
+    else:
+        return []
+    filters = flatten_filters(weight)
+    return [ClusterJob(filters, scheme, config.groups, scheme_seed) for scheme, scheme_seed in schemes]
+
+
+def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig,
+                   found: list[SchemeGroups]) -> tuple[list[list[int]], str]:
+    """Stage 1 for one layer: the filter groups and the grouping actually used (`found`: the
+    layer's clusterings, computed beforehand)."""
+    name, tracer, n = job.layer.name, job.tracer, config.groups
     if grouping in ("smoothness-snaking", "magnitude-snaking"):
         smooth = grouping == "smoothness-snaking"
-        deal = smoothness_snaking(job.heat, n) if smooth else magnitude_snaking(weight, n)
+        deal = smoothness_snaking(job.heat, n) if smooth else magnitude_snaking(job.weight, n)
         if tracer is not None:
             tracer.emit(SnakeDeal(name, "smoothness" if smooth else "magnitude", not smooth, tuple(deal.order),
                                   tuple(deal.values), tuple(deal.group_of_rank)))
@@ -167,16 +187,14 @@ def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig) -> tuple[
             tracer.emit(RandomGrouping(name, tuple(tuple(g) for g in groups)))
         return groups, grouping
     if grouping.startswith(CLUSTER_PREFIX):
-        scheme = grouping[len(CLUSTER_PREFIX):]
-        found = cluster_filters(weight, scheme, n, _seed(config.seed, name, 1))
+        (result,) = found
         if tracer is not None:
-            tracer.emit(Clustering(name, scheme, tuple(tuple(g) for g in found.filter_groups), found.eps,
-                                   found.raw_clusters))
-        return found.filter_groups, grouping
+            tracer.emit(Clustering(name, result.scheme, tuple(tuple(g) for g in result.filter_groups), result.eps,
+                                   result.raw_clusters))
+        return result.filter_groups, grouping
     assert job.ticket_scores is not None
-    chosen = tmi_grouping(weight, config.ticket_epochs, job.ticket_scores, n, schemes=config.tmi_schemes,
-                          seed=_seed(config.seed, name, 1),
-                          alpha=config.tmi_alpha, weighting=config.compat, layer=name, tracer=tracer)
+    chosen = tmi_grouping(found, config.ticket_epochs, job.ticket_scores, alpha=config.tmi_alpha,
+                          weighting=config.compat, layer=name, tracer=tracer)
     return chosen.filter_groups, f"tmi:{chosen.scheme}"
 
 
@@ -198,10 +216,10 @@ class _Staged:
     choices: list[Choice] | None = None
 
 
-def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool) -> _Staged:
+def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool, found: list[SchemeGroups]) -> _Staged:
     """Stage 1 of one layer, its events kept for later (or, when `stream`, emitted now)."""
     layer, tracer = job.layer, job.tracer
-    grouping = "magnitude-snaking" if _pointwise(layer) else config.resolved_grouping
+    grouping = _grouping(layer, config)
     events: list[TraceEvent] = []
     if tracer is not None and not stream:
         job = dataclasses.replace(job, tracer=Tracer(events.append, tracer.level))
@@ -209,7 +227,7 @@ def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool) -> _Staged:
         job.tracer.emit(LayerStart(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size,
                                    config.groups, layer.kept, grouping, config.resolved_selection,  # type: ignore[arg-type]
                                    config.compat))
-    filter_groups, used = _group_filters(job, grouping, config)
+    filter_groups, used = _group_filters(job, grouping, config, found)
     return _Staged(dataclasses.replace(job, tracer=tracer), used, filter_groups, events,
                    [[] for _ in filter_groups])
 
@@ -336,17 +354,21 @@ def plan_pruning(
     for window in _windows(layers, config, stream):
         check_cancel(cancel)
         staged: dict[str, _Staged] = {}
+        jobs: dict[str, _LayerJob] = {}
         for layer in window:
             if not layer.eligible:
                 if stream and tracer is not None:
                     tracer.emit(LayerSkipped(layer.name, layer.reason or "not eligible"))
                 continue
-            report(progress, Progress("prune", len(planned) + len(staged), len(eligible), layer.name))
             weight = _layer_weight(layer.name, modules[layer.name])
             heat = kernel_smoothness(weight, config.smoothness_power).numpy()
-            job = _LayerJob(layer, weight, heat, ticket_scores.get(layer.name), tracer)
-            staged[layer.name] = _stage_one(job, config, stream)
+            jobs[layer.name] = _LayerJob(layer, weight, heat, ticket_scores.get(layer.name), tracer)
+        clusterings = [_cluster_jobs(job.layer, job.weight, config) for job in jobs.values()]
+        found = iter(cluster_many([c for layer_jobs in clusterings for c in layer_jobs]))
+        for job, layer_jobs in zip(jobs.values(), clusterings):
             check_cancel(cancel)
+            report(progress, Progress("prune", len(planned) + len(staged), len(eligible), job.layer.name))
+            staged[job.layer.name] = _stage_one(job, config, stream, [next(found) for _ in layer_jobs])
         if staged:
             _stage_two(list(staged.values()), config, stream, cancel)
         for layer in window:

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from engine.gkp.prune_config import SCHEMES
-from engine.gkp.tmi import (
+from engine.gkp.clustering import (
+    ClusterJob,
     balance_clusters,
     cluster_filters,
+    cluster_many,
     dbscan_near_count,
     equal_size_kmeans,
     flatten_filters,
+)
+from engine.gkp.tmi import (
     gap_statistics,
     rank_schemes,
     score_tickets,
@@ -156,7 +160,8 @@ def test_tmi_grouping_votes_once_per_ticket_and_uses_the_winner():
     tickets = torch.stack([weight + 0.1 * torch.randn(16, 4, 3, 3, generator=generator) for _ in range(5, 9)])
     scores = tmi_filter_scores(flatten_filters(weight), tickets.reshape(4, 16, -1).double().numpy())
     events = []
-    result = tmi_grouping(weight, [5, 6, 7, 8], scores, 4, seed=1, layer="conv", tracer=Tracer(events.append))
+    found = [cluster_filters(weight, scheme, 4, 1 + index) for index, scheme in enumerate(SCHEMES)]
+    result = tmi_grouping(found, [5, 6, 7, 8], scores, layer="conv", tracer=Tracer(events.append))
     clusterings = {e.scheme: e for e in events if isinstance(e, Clustering)}
     ticket_events = [e for e in events if isinstance(e, TmiTicket)]
     vote = next(e for e in events if isinstance(e, TmiVote))
@@ -172,5 +177,12 @@ def test_tmi_grouping_votes_once_per_ticket_and_uses_the_winner():
 def test_tmi_grouping_with_one_scheme_forced_into_the_vote():
     weight = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     scores = tmi_filter_scores(flatten_filters(weight), flatten_filters(weight * 0.5)[None])
-    result = tmi_grouping(weight, [1], scores, 2, schemes=["spectral"], seed=0)
+    result = tmi_grouping([cluster_filters(weight, "spectral", 2, 0)], [1], scores)
     assert result.scheme == "spectral"
+
+
+def test_cluster_many_in_worker_processes_matches_one_by_one():
+    generator = torch.Generator().manual_seed(5)
+    jobs = [ClusterJob(flatten_filters(torch.randn(16, 4, 3, 3, generator=generator)), scheme, 4, seed)
+            for seed, scheme in enumerate(SCHEMES * 2)]
+    assert cluster_many(jobs) == [cluster_filters(j.filters, j.scheme, j.groups, j.seed) for j in jobs]
