@@ -335,3 +335,24 @@ def test_rejects_impossible_kept_counts():
         greedy_select(d, 5)
     with pytest.raises(ValueError):
         smooth_beam_select(d, np.zeros(4), 0)
+
+
+def test_colliding_set_keys_fall_back_to_exact_sets(monkeypatch):
+    # Sets are told apart by random 64-bit keys, checked on their membership bits; with every key
+    # equal, every comparison collides and the exact path must still give the naive results.
+    from engine.gkp import search
+
+    class Colliding(search._Keys):
+        def __init__(self, groups, channels):
+            super().__init__(groups, channels)
+            self.kernel[:] = 0
+
+    monkeypatch.setattr(search, "_Keys", Colliding)
+    rng = np.random.default_rng(77)
+    for _ in range(6):
+        d, smooth = random_case(rng, 9, high=4)
+        choice = smooth_beam_select(d, smooth, 6, beam_width=2, check_every=2)
+        cost, start, members = naive_beam(d, smooth, 6, 2, 2)
+        assert (choice.score, choice.start, choice.kept) == (cost, start, sorted(members))
+        expected, best = naive_greedy(d, 6)
+        assert greedy_select(d, 6).kept == sorted(expected[best][1])
