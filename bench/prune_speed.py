@@ -170,7 +170,7 @@ def tui_case(method: str, model_name: str) -> dict[str, Any]:
     events: list[Any] = []
     wall, cpu, outcome = _timed(lambda: pipeline.prune(ws, on_event=events.append))
     unit.measure()
-    return {"unit_s": unit.seconds, "on_s": wall, "on_cpu_s": cpu, "steps_s": outcome.step_seconds,
+    return {"unit_s": unit.seconds, "on_s": wall, "on_cpu_s": cpu, "steps": outcome.step_seconds,
             "trace_events": len(events), "peak_rss_mb": _peak_mb()}
 
 
@@ -197,7 +197,7 @@ def command_case(method: str, model_name: str) -> dict[str, Any]:
         unit.measure()
     prune = json.loads(done.stdout)["prune"]
     return {"unit_s": unit.seconds, "command_s": wall, "import_s": imports, "prune_seconds": prune["seconds"],
-            "steps_s": prune["step_seconds"], "peak_rss_mb": peak}
+            "steps": prune["step_seconds"], "peak_rss_mb": peak}
 
 
 KINDS: dict[str, Callable[[str, str], dict[str, Any]]] = {"engine": engine_case, "tui": tui_case, "command": command_case}
@@ -223,15 +223,15 @@ def _run_isolated(name: str) -> dict[str, Any]:
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and range, in seconds and in units, of every timing of a case's runs."""
     keys = [k for k in runs[0] if k.endswith("_s") and k != "unit_s"] + (["prune_seconds"] if "prune_seconds" in runs[0] else [])
-    steps = sorted(runs[0].get("steps_s", {}))
+    steps = sorted(runs[0].get("steps", {}))
     out: dict[str, Any] = {"n": len(runs), "unit_s": _spread([r["unit_s"] for r in runs]),
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
     for key in keys:
         out[key] = _spread([r[key] for r in runs])
         out[key + "_units"] = _spread([r[key] / r["unit_s"] for r in runs])
     for step in steps:
-        out[f"step_{step}_s"] = _spread([r["steps_s"][step] for r in runs])
-        out[f"step_{step}_units"] = _spread([r["steps_s"][step] / r["unit_s"] for r in runs])
+        out[f"step_{step}_s"] = _spread([r["steps"][step] for r in runs])
+        out[f"step_{step}_units"] = _spread([r["steps"][step] / r["unit_s"] for r in runs])
     for key in ("trace_bytes", "trace_events", "baseline_rss_mb"):
         if key in runs[0]:
             out[key] = runs[0][key]
@@ -288,15 +288,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
     chosen = args.cases or CASES
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     for repeat in range(args.repeats):
         for name in chosen:
             runs[name].append(_run_isolated(name))
             print(f"[{repeat + 1}/{args.repeats}] {name} done", file=sys.stderr, flush=True)
+            write_json_atomic(RESULTS, {"machine": machine, "repeats": args.repeats, "runs": runs})  # so far
     results = {name: summarise(name, r) for name, r in runs.items()}
     print(render(results))
-    data = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
-                        "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-            "repeats": args.repeats, "results": results, "runs": runs}
+    data = {"machine": machine, "repeats": args.repeats, "results": results, "runs": runs}
     write_json_atomic(RESULTS, data)
     return data
 
