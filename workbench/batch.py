@@ -127,12 +127,15 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     results: dict[str, Any] = dict(state.get("results", {}))
     model, plan = ws.model, ws.plan
 
+    written: list[dict[str, Any]] = []  # the last report.json, returned as is (same `created` stamp)
+
     def finish(stage: str, sections: dict[str, Any]) -> None:
         results.update(sections)
         state["completed"].append(stage)
         state["results"] = results
+        written[:] = [build_report(ws, results, state["completed"])]
         if main:
-            write_json_atomic(out / "report.json", build_report(ws, results, state["completed"]))
+            write_json_atomic(out / "report.json", written[0])
             write_json_atomic(out / STATE_FILE, state)
         log.info("stage %s done", stage)
 
@@ -170,7 +173,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
             evaluation["baseline"] = pipeline.evaluate(ws, ws.model, progress=progress, cancel=cancel).to_dict()
         finish("evaluate", {"evaluate": evaluation})
     log.info("run finished")
-    return build_report(ws, results, state["completed"])
+    return written[0] if written else build_report(ws, results, state["completed"])
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine import report as report_module
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.plan import PrunePlan
 from workbench import batch
@@ -38,8 +40,21 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
+class _Ticking(datetime):
+    """A clock a second further on at every reading: reports built twice would differ."""
+
+    calls = 0
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        cls.calls += 1
+        return datetime(2025, 1, 1, tzinfo=tz) + timedelta(seconds=cls.calls)
+
+
 @pytest.mark.parametrize("method", ["sr-gkp", "tmi-gkp"])
-def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_module, "datetime", _Ticking)  # printed report == written report, always
     out = tmp_path / "run"
     code, stdout, stderr = run(["--batch", "--method", method, "--config", str(quick_config),
                                 "--out", str(out), "--json", *QUICK], capsys)
