@@ -1,13 +1,10 @@
 """TMI-GKP's clustering schemes (SPEC §3.2): KernelPCA, spectral embedding and t-SNE + DBSCAN,
-each giving n equal-size filter groups, with seeded equal-size k-means. Torch-free (numpy, scipy,
-scikit-learn), so `cluster_many` can run the clusterings of many layers in worker processes
-that never load torch."""
+each giving n equal-size filter groups, with seeded equal-size k-means (numpy, scipy,
+scikit-learn; scikit-learn is imported on first use)."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,16 +28,6 @@ class SchemeGroups:
     filter_groups: list[list[int]]
     eps: float | None = None
     raw_clusters: int | None = None
-
-
-@dataclass(frozen=True)
-class ClusterJob:
-    """One clustering to compute: a layer's flattened filters, the scheme, n and the seed."""
-
-    filters: np.ndarray
-    scheme: str
-    groups: int
-    seed: int
 
 
 def flatten_filters(weight: Any) -> np.ndarray:
@@ -202,21 +189,3 @@ def cluster_filters(weight: Any, scheme: str, groups: int, seed: int) -> SchemeG
         labels, eps, raw = tsne_dbscan_groups(filters, groups, seed)
         return SchemeGroups(scheme, groups_from_labels(labels, groups), eps, raw)
     raise ValueError(f"unknown clustering scheme {scheme!r}")
-
-
-def _run(job: ClusterJob) -> SchemeGroups:
-    return cluster_filters(job.filters, job.scheme, job.groups, job.seed)
-
-
-def cluster_many(jobs: Sequence[ClusterJob]) -> list[SchemeGroups]:
-    """Every job's clustering, in job order: on worker processes, one per core, when there are
-    several jobs and cores (t-SNE and the k-means restarts hold the interpreter lock, so threads
-    would not help). The workers (joblib's reusable loky pool: fresh interpreters that import
-    this module, never torch) stay up between calls. The same jobs give the same groups either
-    way."""
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 2:
-        return [_run(job) for job in jobs]
-    from joblib import Parallel, delayed  # scikit-learn's own dependency; loaded only for TMI
-
-    return Parallel(n_jobs=workers, backend="loky")(delayed(_run)(job) for job in jobs)

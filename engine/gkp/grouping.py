@@ -1,18 +1,14 @@
 """Stage 1 filter grouping without clustering (SPEC §3.1): smoothness snaking, magnitude
-snaking for 1x1 convs, and seeded random groups; every grouping yields n equal-size groups.
-Torch-free at import, so the clustering worker processes that use it never load torch."""
+snaking for 1x1 convs, and seeded random groups; every grouping yields n equal-size groups."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from ..common.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)

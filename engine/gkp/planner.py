@@ -16,6 +16,7 @@ from torch import nn
 
 from ..common.errors import CheckpointError, ConfigError, SnapshotError
 from ..common.progress import Progress, ProgressCallback, check_cancel, report
+from .clustering import SchemeGroups, cluster_filters, flatten_filters
 from .grouping import magnitude_snaking, random_grouping, smoothness_snaking
 from .layers import ConvLayer, discover_layers
 from .plan import LayerPlan, PrunePlan, SkippedLayer
@@ -33,7 +34,6 @@ from .selection import (
     smooth_beam_many,
 )
 from .smoothness import kernel_smoothness
-from .clustering import ClusterJob, SchemeGroups, cluster_many, flatten_filters
 from .tmi import tmi_filter_scores, tmi_grouping
 from .traces import (
     Clustering,
@@ -156,23 +156,18 @@ def _grouping(layer: ConvLayer, config: PruneConfig) -> str:
     return "magnitude-snaking" if _pointwise(layer) else config.resolved_grouping
 
 
-def _cluster_jobs(layer: ConvLayer, weight: torch.Tensor, config: PruneConfig) -> list[ClusterJob]:
-    """The clusterings Stage 1 of this layer needs: every TMI scheme, one forced scheme, or none."""
-    grouping, seed = _grouping(layer, config), _seed(config.seed, layer.name, 1)
+def _clusterings(job: _LayerJob, grouping: str, config: PruneConfig) -> list[SchemeGroups]:
+    """The clusterings Stage 1 of this layer uses: every TMI scheme's, or the forced scheme's."""
+    seed = _seed(config.seed, job.layer.name, 1)
     if grouping == "tmi":
         schemes = [(scheme, seed + index) for index, scheme in enumerate(config.tmi_schemes)]
-    elif grouping.startswith(CLUSTER_PREFIX):
-        schemes = [(grouping[len(CLUSTER_PREFIX):], seed)]
     else:
-        return []
-    filters = flatten_filters(weight)
-    return [ClusterJob(filters, scheme, config.groups, scheme_seed) for scheme, scheme_seed in schemes]
+        schemes = [(grouping[len(CLUSTER_PREFIX):], seed)]
+    return [cluster_filters(job.weight, scheme, config.groups, scheme_seed) for scheme, scheme_seed in schemes]
 
 
-def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig,
-                   found: list[SchemeGroups]) -> tuple[list[list[int]], str]:
-    """Stage 1 for one layer: the filter groups and the grouping actually used (`found`: the
-    layer's clusterings, computed beforehand)."""
+def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig) -> tuple[list[list[int]], str]:
+    """Stage 1 for one layer: the filter groups and the grouping actually used."""
     name, tracer, n = job.layer.name, job.tracer, config.groups
     if grouping in ("smoothness-snaking", "magnitude-snaking"):
         smooth = grouping == "smoothness-snaking"
@@ -186,6 +181,7 @@ def _group_filters(job: _LayerJob, grouping: str, config: PruneConfig,
         if tracer is not None:
             tracer.emit(RandomGrouping(name, tuple(tuple(g) for g in groups)))
         return groups, grouping
+    found = _clusterings(job, grouping, config)
     if grouping.startswith(CLUSTER_PREFIX):
         (result,) = found
         if tracer is not None:
@@ -216,7 +212,7 @@ class _Staged:
     choices: list[Choice] | None = None
 
 
-def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool, found: list[SchemeGroups]) -> _Staged:
+def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool) -> _Staged:
     """Stage 1 of one layer, its events kept for later (or, when `stream`, emitted now)."""
     layer, tracer = job.layer, job.tracer
     grouping = _grouping(layer, config)
@@ -227,7 +223,7 @@ def _stage_one(job: _LayerJob, config: PruneConfig, stream: bool, found: list[Sc
         job.tracer.emit(LayerStart(layer.name, layer.out_channels, layer.in_channels, layer.kernel_size,
                                    config.groups, layer.kept, grouping, config.resolved_selection,  # type: ignore[arg-type]
                                    config.compat))
-    filter_groups, used = _group_filters(job, grouping, config, found)
+    filter_groups, used = _group_filters(job, grouping, config)
     return _Staged(dataclasses.replace(job, tracer=tracer), used, filter_groups, events,
                    [[] for _ in filter_groups])
 
@@ -354,21 +350,17 @@ def plan_pruning(
     for window in _windows(layers, config, stream):
         check_cancel(cancel)
         staged: dict[str, _Staged] = {}
-        jobs: dict[str, _LayerJob] = {}
         for layer in window:
             if not layer.eligible:
                 if stream and tracer is not None:
                     tracer.emit(LayerSkipped(layer.name, layer.reason or "not eligible"))
                 continue
+            report(progress, Progress("prune", len(planned) + len(staged), len(eligible), layer.name))
             weight = _layer_weight(layer.name, modules[layer.name])
             heat = kernel_smoothness(weight, config.smoothness_power).numpy()
-            jobs[layer.name] = _LayerJob(layer, weight, heat, ticket_scores.get(layer.name), tracer)
-        clusterings = [_cluster_jobs(job.layer, job.weight, config) for job in jobs.values()]
-        found = iter(cluster_many([c for layer_jobs in clusterings for c in layer_jobs]))
-        for job, layer_jobs in zip(jobs.values(), clusterings):
+            job = _LayerJob(layer, weight, heat, ticket_scores.get(layer.name), tracer)
+            staged[layer.name] = _stage_one(job, config, stream)
             check_cancel(cancel)
-            report(progress, Progress("prune", len(planned) + len(staged), len(eligible), job.layer.name))
-            staged[job.layer.name] = _stage_one(job, config, stream, [next(found) for _ in layer_jobs])
         if staged:
             _stage_two(list(staged.values()), config, stream, cancel)
         for layer in window:

@@ -322,7 +322,7 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
 def members_of(bits: np.ndarray, channels: int) -> np.ndarray:
     """Ascending members of each set from its membership bits (every set the same size)."""
     flags = np.unpackbits(bits.astype("<u8", copy=False).view(np.uint8), axis=1, bitorder="little")[:, :channels]
-    rows, cols = np.nonzero(flags)
+    _, cols = np.nonzero(flags)
     return cols.reshape(len(bits), -1)
 
 

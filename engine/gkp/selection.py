@@ -22,7 +22,16 @@ import torch
 from scipy.spatial.distance import pdist, squareform
 
 from ..common.progress import check_cancel
-from .search import Beam, Grown, Problems, gamma_outer, grow, members_of, pair_beta, to_fixed_point
+from .search import (
+    Beam,
+    Grown,
+    Problems,
+    gamma_outer,
+    grow,
+    members_of,
+    pair_beta,
+    to_fixed_point,
+)
 from .traces import (
     BeamCandidate,
     BeamCut,

@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from decision_digests import GOLDEN, SHARED_CHECKPOINT, cases, run_case, touches_issue_13
+from decision_digests import (
+    GOLDEN,
+    SHARED_CHECKPOINT,
+    cases,
+    run_case,
+    touches_issue_13,
+)
 
 GOLDEN_CASES = json.loads(GOLDEN.read_text(encoding="utf-8"))["cases"]
 

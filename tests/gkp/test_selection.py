@@ -238,7 +238,7 @@ def test_reference_cuts_again_at_the_final_size():
     # code cuts at 4, 7 and 10, so each start ends with 2 candidates, not 16.
     rng = np.random.default_rng(21)
     changed = 0
-    for attempt in range(30):
+    for _ in range(30):
         d, smooth = random_case(rng, 16, high=30)
         events, context = recorder()
         choice = smooth_beam_select(d, smooth, 10, freeze_beta=True, cut_at_final=True, alpha=0.2, context=context)
@@ -263,7 +263,7 @@ def test_reference_gamma_has_no_floor():
     # outer-coverage term vanishes and a start scores its inner diversity alone.
     rng = np.random.default_rng(22)
     changed = 0
-    for attempt in range(20):
+    for _ in range(20):
         d, _ = random_case(rng, 16, high=30)
         events, context = recorder()
         choice = greedy_select(d, 2, floor_gamma=False, context=context)

@@ -9,10 +9,8 @@ import torch
 
 from engine.gkp.prune_config import SCHEMES
 from engine.gkp.clustering import (
-    ClusterJob,
     balance_clusters,
     cluster_filters,
-    cluster_many,
     dbscan_near_count,
     equal_size_kmeans,
     flatten_filters,
@@ -180,9 +178,3 @@ def test_tmi_grouping_with_one_scheme_forced_into_the_vote():
     result = tmi_grouping([cluster_filters(weight, "spectral", 2, 0)], [1], scores)
     assert result.scheme == "spectral"
 
-
-def test_cluster_many_in_worker_processes_matches_one_by_one():
-    generator = torch.Generator().manual_seed(5)
-    jobs = [ClusterJob(flatten_filters(torch.randn(16, 4, 3, 3, generator=generator)), scheme, 4, seed)
-            for seed, scheme in enumerate(SCHEMES * 2)]
-    assert cluster_many(jobs) == [cluster_filters(j.filters, j.scheme, j.groups, j.seed) for j in jobs]
