@@ -72,6 +72,9 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     assert 0.35 < prune["macs_reduction"] < 0.45  # 43.75% of the 18 pruned layers' MACs
     assert prune["equivalence_max_abs_err"] < 1e-4
     assert [s["name"] for s in prune["layers_skipped"]] == ["conv1"]
+    steps = prune["step_seconds"]
+    assert list(steps) == ["plan", "rebuild", "check", "latency"] and steps["plan"] == prune["seconds"]
+    assert all(seconds > 0 for seconds in steps.values())
     plan = PrunePlan.load(out / "plan.json")
     assert len(plan.layers) == len(prune["layers"]) == 18
     assert all(layer.kept == round(0.5625 * layer.in_channels) for layer in plan.layers)
