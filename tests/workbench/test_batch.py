@@ -73,7 +73,7 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     assert prune["equivalence_max_abs_err"] < 1e-4
     assert [s["name"] for s in prune["layers_skipped"]] == ["conv1"]
     steps = prune["step_seconds"]
-    assert list(steps) == ["plan", "rebuild", "check", "latency"] and steps["plan"] == prune["seconds"]
+    assert set(steps) == {"plan", "rebuild", "check", "latency"} and steps["plan"] == prune["seconds"]
     assert all(seconds > 0 for seconds in steps.values())
     plan = PrunePlan.load(out / "plan.json")
     assert len(plan.layers) == len(prune["layers"]) == 18
