@@ -17,11 +17,12 @@ from torch import nn
 
 from .common.distributed import DistContext
 from .common.errors import Cancelled, ConfigError, DataError, SnapshotError
+from .common.memory import release_free_memory
 from .common.progress import ProgressCallback
 from .config import RunConfig
 from .data.datasets import DEFAULT_IMAGE_SIZE, SPEC_HELP, DataBundle, load_data
 from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
-from .formats.snapshots import load_snapshots
+from .formats.snapshots import SnapshotSource, open_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
 from .gkp.planner import plan_pruning
@@ -210,9 +211,9 @@ def check_prunable(ws: Workspace) -> None:
     )
 
 
-def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
+def load_ticket_snapshots(ws: Workspace) -> SnapshotSource:
     """Training snapshots of the ticket window for TMI-GKP, from the configured folder or
-    archive."""
+    archive, read one at a time as pruning asks for them."""
     if ws.config.model.snapshots:
         source = Path(ws.config.model.snapshots)
     else:
@@ -221,7 +222,7 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
             "(a folder of per-epoch checkpoints)"
         )
     p = ws.config.prune
-    return load_snapshots(
+    return open_snapshots(
         source, reference=ws.checkpoint.state_dict, window=tuple(p.ticket_window), step=p.ticket_step
     )
 
@@ -258,6 +259,7 @@ class PruneOutcome:
     equivalence_max_abs_err: float
     equivalence_input: str
     seconds: float
+    step_seconds: dict[str, float]
     latency: dict[str, RoundTimes]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
@@ -360,7 +362,7 @@ def prune(
     check_prunable(ws)
     start = time.perf_counter()
     plan: PrunePlan | None = None
-    snapshots = None  # rank 0 alone loads them, and alone writes the report that names them
+    snapshots: SnapshotSource | None = None  # rank 0 alone opens them, and alone writes the report that names them
     if ws.ctx.is_main:
         snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
         try:
@@ -373,10 +375,13 @@ def prune(
     plan = ws.ctx.broadcast_object(plan)
     if plan is None:
         raise Cancelled("pruning cancelled")
-    seconds = time.perf_counter() - start
+    steps = {"plan": time.perf_counter() - start}
+    release_free_memory()  # the search's temporaries, before the model copies below
     ws.ctx.check_cancel(cancel)
+    mark = time.perf_counter()
     original = copy.deepcopy(ws.model).to(ws.device).eval()
-    masked = masked_dense(original, plan)
+    # `original` is this call's own copy, so the reference may share its unpruned tensors.
+    masked = masked_dense(original, plan, share_unplanned=True)
     notes: list[str] = []
     accuracy = recalibration = None
     if ws.data is None:
@@ -389,6 +394,7 @@ def prune(
             notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
         elif recalibration is not None and recalibration.note:
             notes.append(recalibration.note)
+    steps["recalibrate"], mark = time.perf_counter() - mark, time.perf_counter()
     ws.ctx.check_cancel(cancel)
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
@@ -400,10 +406,14 @@ def prune(
     )
     for model in (grouped, deployed):
         copy_batchnorm_statistics(masked, model)
+    steps["rebuild"], mark = time.perf_counter() - mark, time.perf_counter()
     ws.ctx.check_cancel(cancel)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
+    del masked
+    steps["check"], mark = time.perf_counter() - mark, time.perf_counter()
     ws.ctx.check_cancel(cancel)
     timing = interleaved_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
+    steps["latency"] = time.perf_counter() - mark
     return PruneOutcome(
         plan=plan,
         model=grouped,
@@ -412,7 +422,8 @@ def prune(
         cost_after=count_cost(grouped, ws.input_shape),
         equivalence_max_abs_err=error,
         equivalence_input=ws.example_source,
-        seconds=seconds,
+        seconds=steps["plan"],
+        step_seconds=steps,
         latency=timing,
         latency_batch=size,
         deploy=deploy_summary(deployed),
@@ -547,6 +558,7 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "macs_after": after.macs,
             "macs_reduction": 1 - after.macs / before.macs,
             "seconds": outcome.seconds,
+            "step_seconds": outcome.step_seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
             "equivalence_input": outcome.equivalence_input,
             "accuracy": None if outcome.accuracy is None else outcome.accuracy.to_dict(),

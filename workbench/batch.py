@@ -20,10 +20,11 @@ from typing import Any, TextIO
 
 from engine import pipeline
 from engine.common.errors import Cancelled, ConfigError, WorkbenchError
-from engine.common.fileio import AtomicJsonLines, json_text, write_json_atomic
+from engine.common.fileio import json_text, write_json_atomic
 from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
+from engine.gkp.traces import TraceFile
 from engine.models.architectures import is_factory
 from engine.report import build_report
 from engine.training.finetune import STATE_FILE as FINETUNE_STATE
@@ -146,7 +147,7 @@ def run_batch(config: RunConfig, folder: RunFolder, *, resume: bool, progress: P
         if "prune" in config.run.stages and "prune" not in state["completed"]:
             pipeline.check_prunable(ws)
             if pipeline.needs_snapshots(config):
-                pipeline.load_ticket_snapshots(ws)  # fail on missing snapshots before writing anything
+                pipeline.load_ticket_snapshots(ws).check()  # fail on bad snapshots before writing anything
         pipeline.check_evaluation_config(config)
         check_cancel(cancel)  # interrupted while loading: stop before anything is written
         main = ws.ctx.is_main
@@ -181,7 +182,7 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
     # A run folder is data: of the code its config asks for, only a factory the user named again runs.
     factory = config.model.arch if is_factory(config.model.arch) else None
 
-    written: dict[str, Any] = {}
+    written: dict[str, Any] = {}  # the last report.json, returned as is (same `created` stamp)
 
     def finish(stage: str, sections: dict[str, Any]) -> None:
         results.update(sections)
@@ -206,8 +207,8 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
             folder.claim("decisions.jsonl", "plan.json", "pruned.pt")
-            with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
-                on_event = writer.write if writer is not None else None
+            with TraceFile(out / "decisions.jsonl") if main else nullcontext() as writer:
+                on_event = writer.emit if writer is not None else None
                 outcome = pipeline.prune(ws, on_event=on_event, progress=about(ws.checkpoint.path.name), cancel=cancel)
             model, plan = outcome.model, outcome.plan
             if main:

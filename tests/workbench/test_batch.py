@@ -8,18 +8,20 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import pipeline
+from engine import report as report_module
+from engine.common.progress import Progress
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.plan import PrunePlan
-from engine.common.progress import Progress
-from workbench import batch
 from sample_models import SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
+from workbench import batch
 from workbench.cli import build_parser, main
 
 QUICK = ["--epochs", "1", "--max-examples", "48"]
@@ -43,8 +45,21 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
+class _Ticking(datetime):
+    """A clock a second further on at every reading: reports built twice would differ."""
+
+    calls = 0
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        cls.calls += 1
+        return datetime(2025, 1, 1, tzinfo=tz) + timedelta(seconds=cls.calls)
+
+
 @pytest.mark.parametrize("method", ["sr-gkp", "tmi-gkp"])
-def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_module, "datetime", _Ticking)  # printed report == written report, always
     out = tmp_path / "run"
     code, stdout, stderr = run(["--batch", "--method", method, "--config", str(quick_config),
                                 "--out", str(out), "--json", *QUICK], capsys)
@@ -62,6 +77,9 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     assert 0.35 < prune["macs_reduction"] < 0.45  # 43.75% of the 18 pruned layers' MACs
     assert prune["equivalence_max_abs_err"] < 1e-4
     assert [s["name"] for s in prune["layers_skipped"]] == ["conv1"]
+    steps = prune["step_seconds"]
+    assert set(steps) == {"plan", "recalibrate", "rebuild", "check", "latency"} and steps["plan"] == prune["seconds"]
+    assert all(seconds > 0 for seconds in steps.values())
     plan = PrunePlan.load(out / "plan.json")
     assert len(plan.layers) == len(prune["layers"]) == 18
     assert all(layer.kept == round(0.5625 * layer.in_channels) for layer in plan.layers)
