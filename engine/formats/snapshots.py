@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,13 +17,10 @@ from ..common.errors import CheckpointError, ConfigError, SnapshotError
 from ..common.fileio import write_bytes_atomic
 from ..models.architectures import StateMismatch, compare_shapes, tensor_shapes
 from .checkpoints import read_state_dict
+from .listing import EXPECTED_NAMES, requested_epochs, snapshot_files
 
-SNAPSHOT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".th", ".tar", ".ckpt", ".bin")
 ARCHIVE_FORMAT = "gkp-snapshots"
 ARCHIVE_VERSION = 1
-EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
-_EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
-_SHOWN = 8  # missing epochs listed before "..."
 _FINGERPRINT_RTOL = 1e-6
 
 StateDict = dict[str, torch.Tensor]
@@ -57,7 +53,7 @@ def load_snapshots(
         )
     snapshots: dict[int, StateDict] = {}
     first: tuple[str, StateDict] | None = None
-    for epoch in _requested_epochs(sorted(files), window, step):
+    for epoch in requested_epochs(sorted(files), window, step):
         file = files[epoch]
         try:
             state = read_state_dict(file).state_dict
@@ -73,34 +69,6 @@ def load_snapshots(
             first = (file.name, state)
         snapshots[epoch] = state
     return snapshots
-
-
-def snapshot_files(directory: Path) -> dict[int, Path]:
-    """Epoch → file for the snapshot files of `directory` (names holding one epoch number)."""
-    found: dict[int, Path] = {}
-    for file in sorted(directory.iterdir()):
-        epoch = epoch_of(file.name) if file.is_file() and not file.name.startswith(".") else None
-        if epoch is None:
-            continue
-        if epoch in found:
-            raise SnapshotError(f"epoch {epoch} has two snapshot files in {directory}: {found[epoch].name} and {file.name}")
-        found[epoch] = file
-    return found
-
-
-def epoch_of(name: str) -> int | None:
-    """The epoch number in a snapshot file name: its only integer, or the one after "epoch"/"ep"
-    (as in resnet20_epoch_7.pt); None for other files."""
-    stem = name
-    while (suffix := Path(stem).suffix.lower()) in SNAPSHOT_SUFFIXES:
-        stem = stem[: -len(suffix)]
-    if stem == name:
-        return None
-    numbers = re.findall(r"\d+", stem)
-    if len(numbers) == 1:
-        return int(numbers[0])
-    tagged = _EPOCH_KEYWORD.findall(stem)
-    return int(tagged[0]) if len(tagged) == 1 else None
 
 
 def save_snapshot_archive(
@@ -173,7 +141,7 @@ def _load_archive(
     position = {epoch: j for j, epoch in enumerate(found)}
     finals = {name: reference[name].detach().cpu().double() for name in names}
     snapshots: dict[int, StateDict] = {}
-    for epoch in _requested_epochs(sorted(found), window, step):
+    for epoch in requested_epochs(sorted(found), window, step):
         j = position[epoch]
         snapshots[epoch] = {
             name: (finals[name] + torch.from_numpy(arrays[f"q{i}"][j].astype(np.float64)) * float(arrays["scales"][j, i]))
@@ -181,35 +149,6 @@ def _load_archive(
             for i, name in enumerate(names)
         }
     return snapshots
-
-
-def _requested_epochs(found: list[int], window: tuple[int, int] | None, step: int) -> list[int]:
-    """Every `step`-th epoch of the window (or of the found range); `SnapshotError` listing the
-    missing ones and what was found when any is absent."""
-    first, last = window if window is not None else (found[0], found[-1])
-    wanted = list(range(first, last + 1, step))
-    have = set(found)
-    missing = [e for e in wanted if e not in have]
-    if missing:
-        listed = ", ".join(str(e) for e in missing[:_SHOWN])
-        if len(missing) > _SHOWN:
-            listed += f", ... ({len(missing)} in all)"
-        where = f"ticket window {first}..{last}" if window is not None else f"epochs {first}..{last}"
-        if step > 1:
-            where += f" at step {step}"
-        raise SnapshotError(f"missing epochs {listed} in {where} (found {_ranges(found)})")
-    return wanted
-
-
-def _ranges(epochs: list[int]) -> str:
-    """Sorted epochs as compact runs: "35..40, 43..70"."""
-    runs: list[list[int]] = []
-    for epoch in epochs:
-        if runs and epoch == runs[-1][1] + 1:
-            runs[-1][1] = epoch
-        else:
-            runs.append([epoch, epoch])
-    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def _check_match(mismatch: StateMismatch, context: str) -> None:
