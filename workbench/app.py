@@ -50,7 +50,7 @@ from .screens.normalization import NormalizationScreen
 from .screens.open import OpenScreen
 from .screens.overview import OverviewScreen
 from .screens.prune import PruneScreen
-from .session import COMPLETE, FINETUNED, PARTIAL, PRUNED_MODEL, Session
+from .session import COMPLETE, FINETUNED, PARTIAL, PRUNED_MODEL, Session, saved_files
 
 if TYPE_CHECKING:
     from . import tasks
@@ -357,7 +357,7 @@ class WorkbenchApp(App[int]):
             self.notify("Enter the path to save the pruned model to.", severity="error")
             return
         path = Path(path_text.strip()).expanduser().resolve()
-        existing = [p for p in (path, path.with_suffix(".plan.json"), path.with_suffix(".decisions.jsonl")) if p.exists()]
+        existing = [p for p in saved_files(path) if p.exists()]
         if existing and not replace:
             names = ", ".join(p.name for p in existing)
             self.push_screen(

@@ -4,6 +4,7 @@ Only the main thread changes it, in response to job messages."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.gkp.traces import TraceEvent
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
 
 UNPRUNED, PRUNED_MODEL, FINETUNED = "unpruned", "pruned", "fine-tuned"
 PARTIAL, COMPLETE = "partial", "complete"  # how far a model's evaluation got
+TRACE_SUFFIX = ".decisions.jsonl"
+PLAN_SUFFIX = ".plan.json"
+
+
+def saved_files(path: Path) -> tuple[Path, Path, Path]:
+    """What saving a pruned model to `path` writes: the model, its plan and its decision trace."""
+    return path, path.with_suffix(PLAN_SUFFIX), path.with_suffix(TRACE_SUFFIX)
 
 
 @dataclass

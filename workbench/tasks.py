@@ -42,9 +42,8 @@ from widgets.heatmap import style_table
 from .jobs import ProgressRelay
 from .model_scan import inspect_model, single_threaded
 from .model_view import ModelInfo
+from .session import TRACE_SUFFIX, saved_files
 
-TRACE_SUFFIX = ".decisions.jsonl"
-PLAN_SUFFIX = ".plan.json"
 BATCH_TRACE = "decisions.jsonl"  # what batch mode writes beside its pruned.pt
 PROGRESS_UNITS = 1000  # progress units per model of an evaluation job
 
@@ -144,17 +143,11 @@ def save_pruned(ws: Workspace, outcome: PruneOutcome, events: list[TraceEvent], 
                 progress: ProgressCallback, cancel: threading.Event) -> list[Path]:
     """Write the pruned model, its plan and its decision trace side by side; returns their
     absolute paths."""
-    path = path.expanduser().resolve()
+    path, plan_path, trace_path = saved_files(path.expanduser().resolve())
     save_model(ws, path, outcome.model, outcome.plan, {"stage": "prune", "source": str(ws.checkpoint.path)})
-    plan_path, trace_path = path.with_suffix(PLAN_SUFFIX), path.with_suffix(TRACE_SUFFIX)
     outcome.plan.save(plan_path)
     write_jsonl(trace_path, events)
     return [path, plan_path, trace_path]
-
-
-def saved_files(path: Path) -> list[Path]:
-    """The files saving to `path` writes (the model, its plan and its trace)."""
-    return [path, path.with_suffix(PLAN_SUFFIX), path.with_suffix(TRACE_SUFFIX)]
 
 
 def finetune_copy(ws: Workspace, base: nn.Module, plan: PrunePlan | None, out_dir: Path | None,
