@@ -317,7 +317,7 @@ def main() -> None:
         name, _, stage = key.partition("_")
         spread = opened.get(name, {}).get(stage)
         extra = f"   {spread['min']:.0f}-{spread['max']:.0f}" if spread else ""
-        print(f"{key:34} {value:10.1f} {'' if target is None else f'{target:8.0f}'}{mark}{extra}")
+        print(f"{key:34} {value:10.1f} {'' if target is None else f'{target:.0f}':>8}{mark:7}{extra}")
     print("  ".join(f"{key} {value}" for key, value in counts.items()))
     write_json_atomic(args.out, {
         "model": model,

@@ -78,8 +78,10 @@ class WorkbenchApp(App[int]):
     COMMANDS = App.COMMANDS | {WorkbenchCommands}
     BINDINGS = APP_BINDINGS
 
-    session_revision: reactive[int] = reactive(0)
-    jobs_revision: reactive[int] = reactive(0)
+    # Signals for the screens' watchers, which redraw what changed: no repaint of the whole app.
+    session_revision: reactive[int] = reactive(0, repaint=False)
+    jobs_revision: reactive[int] = reactive(0, repaint=False)
+    clock: reactive[int] = reactive(0, repaint=False)  # ticks while jobs run, for their elapsed times alone
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
@@ -134,7 +136,7 @@ class WorkbenchApp(App[int]):
 
     def _tick(self) -> None:
         if any(job.active for job in self.jobs):
-            self.jobs_revision += 1  # running jobs' clocks advance even when they report nothing
+            self.clock += 1  # running jobs' clocks advance even when they report nothing
 
     def latest_job(self, kind: str) -> Job | None:
         return next((job for job in reversed(self.jobs) if job.kind == kind), None)

@@ -43,10 +43,11 @@ def state(app: WorkbenchApp) -> tuple[Any, ...]:
 
 
 async def stop_jobs(app: WorkbenchApp, pilot: Pilot[Any]) -> None:
-    for job in app.jobs:
-        job.cancel.set()
-    await app.workers.wait_for_complete()
-    await pilot.pause()
+    if any(job.active for job in app.jobs):
+        for job in app.jobs:
+            job.cancel.set()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
 
 
 async def check_keys(app: WorkbenchApp, pilot: Pilot[Any], where: str, bindings: list[Any],
@@ -76,7 +77,6 @@ async def check_keys(app: WorkbenchApp, pilot: Pilot[Any], where: str, bindings:
             await pilot.press("escape")
         await stop_jobs(app, pilot)
         app.clear_notifications()
-        await pilot.pause()
 
 
 async def test_every_advertised_key_does_something(checkpoint: Path, tmp_path: Path) -> None:

@@ -161,6 +161,19 @@ class JobsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.watch(self.app, "jobs_revision", self.refresh_jobs)
         self.watch(self.app, "session_revision", self.refresh_results)
+        self.watch(self.app, "clock", self.refresh_times)
+
+    def refresh_times(self, _tick: int = 0) -> None:
+        """Only the running jobs' elapsed times (the rest changes with their reports)."""
+        table = self.query_one("#jobs-table", DataTable)
+        time_key, column = list(table.columns.items())[4]
+        for job in self.app.jobs:
+            text = f"{job.seconds:.1f}s"
+            if job.active and str(job.id) in table.rows:
+                if len(text) > column.width:
+                    self.refresh_jobs()  # one more digit: the columns are fitted again
+                    return
+                table.update_cell(str(job.id), time_key, text)
 
     def finetune_settings(self) -> tuple[int, str, Path | None]:
         """Epochs, mode and output folder from the controls; `ConfigError` when unreadable."""

@@ -26,7 +26,7 @@ from textual.widgets import (
 )
 
 from engine.common.errors import ConfigError, WorkbenchError
-from engine.common.progress import DONE, FAILED, RUNNING, SKIPPED, PhaseState
+from engine.common.progress import DONE, FAILED, PENDING, RUNNING, SKIPPED, PhaseState
 from engine.formats.listing import epoch_ranges, snapshot_epochs
 
 from ..data_field import DataField
@@ -71,7 +71,7 @@ def phase_lines(phases: tuple[PhaseState, ...], cancelled: bool = False) -> Text
         if cancelled and state.status in (FAILED, RUNNING):
             mark, style = "■", "yellow"
         line = Text.assemble((f"{mark} ", style), f"{state.name:<12}")
-        if state.status != "pending":
+        if state.status != PENDING:
             line.append(f"{state.seconds:6.1f} s")
         if state.status == RUNNING and state.fraction:
             line.append(f"  {state.fraction:4.0%}")
@@ -133,6 +133,7 @@ class PruneScreen(Screen[None]):
         self.query_one("#save-path", Input).value = self.app.default_save_path()
         self.watch(self.app, "session_revision", self._session_changed)
         self.watch(self.app, "jobs_revision", self.refresh_progress)
+        self.watch(self.app, "clock", self.refresh_progress)
 
     def _session_changed(self, _revision: int = 0) -> None:
         self._check_form()
