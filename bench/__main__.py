@@ -1,22 +1,27 @@
 """`python -m bench` (what `make bench` runs): every benchmark in a fixed order, each printing its
 table and writing JSON under bench/results/ (git-ignored), then a summary of what ran and how long.
 
-    python -m bench [--quick | --full] [--steps prune,deploy,attacks,tui,study] [--docs]
+    python -m bench [--quick | --full] [--steps prune,deploy,attacks,finetune,tui,study] [--docs]
 
-Order and what --quick (default; 11-14 min measured on 2 shared cores) and --full run:
+Order and what --quick (default; 11-14 min measured on 2 shared cores, plus ~8 min since the
+prune step was rewritten) and --full run:
 
-1. prune    pruning time and peak memory (bench/prune_speed.py, one process per case): SR-GKP and
-            TMI-GKP on CIFAR ResNet-20/32/56/110 and SR-GKP on torchvision ResNet-50 (3x3 convs),
-            plus decision-trace sizes at the default trace level. Full adds TMI-GKP on ResNet-50
-            (36 ticket snapshots of 25 M weights, ~4 GB) and the full-level traces.
+1. prune    pruning time and peak memory in units of a ResNet-56 forward (bench/prune_speed.py,
+            one process per case): the engine with the trace off and on (SR-GKP ResNet-56 and
+            ResNet-50, TMI-GKP on the sample), the TUI's prune job, and the whole
+            `--batch --stages prune` command split into import / plan / rebuild / check /
+            latency. Quick: 2 interleaved repeats, without the ResNet-50 command; full: 5.
 2. deploy   deployed latency, original vs grouped / dense / auto (bench/deploy_latency.py):
             ResNet-20/56 at batch 1 and 64 (32 px), ResNet-50 at batch 1 (224 px) with 3x3 and
             with 1x1 convs pruned; NCHW, one thread. Full adds channels-last and ResNet-50 at
             batch 8. On a GPU machine the same matrix runs again on the GPU.
 3. attacks  attack-evaluation throughput (bench/attack_throughput.py): clean, FGSM, PGD-3 and the
             default suite on ResNet-20 at 32 px, CPU and GPU when present. Full uses 4x the images.
-4. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
-5. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
+4. finetune fine-tune throughput (bench/finetune_throughput.py): standard, fastat and asam next to
+            a plain PyTorch loop on a pruned ResNet-20, interleaved, CPU and GPU when present. Full
+            uses 5 rounds and 5x the CPU images.
+5. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
+6. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
             5 seeds x 20 epochs.
 
 A failing step is reported and the others still run; the exit code is 1 if any failed. `--docs`
@@ -39,17 +44,12 @@ import torch
 
 from engine.common.fileio import write_json_atomic
 
-from . import attack_throughput, deploy_latency, prune_speed, study
+from . import attack_throughput, deploy_latency, finetune_throughput, prune_speed, study
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 BENCH_DOC = HERE.parent / "docs" / "BENCH.md"
-STEPS = ("prune", "deploy", "attacks", "tui", "study")
-QUICK_PRUNE_CASES = [
-    *(f"{m}:{n}" for m in ("sr-gkp", "tmi-gkp") for n in prune_speed.GRID_MODELS if (m, n) != ("tmi-gkp", "resnet50")),
-    "trace-resnet20-decisions",
-    "trace-resnet56-decisions",
-]
+STEPS = ("prune", "deploy", "attacks", "finetune", "tui", "study")
 
 
 def deploy_json(device: str) -> Path:
@@ -61,10 +61,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def step_prune(full: bool, docs: bool) -> dict[str, Any]:
-    cases = list(prune_speed.CASES) if full else QUICK_PRUNE_CASES
-    prune_speed.RESULTS.unlink(missing_ok=True)  # prune_speed merges into an existing file: start clean
-    prune_speed.main(cases)
-    return _read(prune_speed.RESULTS)
+    cases = prune_speed.CASES if full else [c for c in prune_speed.CASES if c != "command:sr-gkp:resnet50"]
+    return prune_speed.main(["--repeats", "5" if full else "2", *cases])
 
 
 def step_deploy(full: bool, docs: bool) -> dict[str, Any]:
@@ -77,6 +75,10 @@ def step_deploy(full: bool, docs: bool) -> dict[str, Any]:
 
 def step_attacks(full: bool, docs: bool) -> dict[str, Any]:
     return attack_throughput.main(["--images", "1024", "--gpu-images", "16384"] if full else [])
+
+
+def step_finetune(full: bool, docs: bool) -> dict[str, Any]:
+    return finetune_throughput.main(["--images", "1920", "--rounds", "5"] if full else [])
 
 
 def step_tui(full: bool, docs: bool) -> dict[str, Any]:
@@ -92,17 +94,13 @@ def step_study(full: bool, docs: bool) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[bool, bool], dict[str, Any]]] = {
-    "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "tui": step_tui, "study": step_study,
+    "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "finetune": step_finetune,
+    "tui": step_tui, "study": step_study,
 }
 
 
 def render_prune(data: dict[str, Any]) -> str:
-    lines = ["| case | wall s | CPU s | peak RSS MB | target s |", "|---|---:|---:|---:|---:|"]
-    order = list(prune_speed.CASES)
-    for name, r in sorted(data["results"].items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
-        target = f"≤ {r['target_s']:g}" if "target_s" in r else ""
-        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {target} |")
-    return "\n".join(lines)
+    return prune_speed.render(data["results"])
 
 
 def render_deploy(data: dict[str, Any]) -> str:
@@ -127,6 +125,18 @@ def render_attacks(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_finetune(data: dict[str, Any]) -> str:
+    lines = [f"{data['model']}; {data['data']}; the second of two epochs, {data['rounds']} interleaved rounds, "
+             f"{data['machine']['threads']} CPU thread(s).", "",
+             "| device | loop | images/s (median) | min | max | × plain (median of rounds) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for s in data["summary"]:
+        lines.append(f"| {s['device']} | {s['loop']} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} "
+                     f"| {s['vs_plain']:.2f} |")
+    lines += [f"\n{note}" for note in data.get("notes", [])]
+    return "\n".join(lines)
+
+
 def render_tui(data: dict[str, Any]) -> str:
     targets = data.get("targets_ms", {})
     lines = ["| measure | ms | target ms |", "|---|---:|---:|"]
@@ -147,6 +157,7 @@ def render_bench(summary: dict[str, Any]) -> str:
     sections = [("Pruning time and peak memory", data.get("prune"), render_prune),
                 *((f"Deployed latency ({d})", data.get("deploy", {}).get(d), render_deploy) for d in ("cpu", "cuda")),
                 ("Attack-evaluation throughput", data.get("attacks"), render_attacks),
+                ("Fine-tune throughput", data.get("finetune"), render_finetune),
                 ("TUI responsiveness", data.get("tui"), render_tui)]
     for title, result, render in sections:
         if result is not None:

@@ -3,8 +3,8 @@ it, evaluate it. Each stage is a plain function taking a progress callback and a
 
 from __future__ import annotations
 
+import copy
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .common.distributed import DistContext
-from .common.errors import ConfigError, SnapshotError
-from .common.progress import Phases, ProgressCallback, check_cancel
+from .common.errors import Cancelled, ConfigError, DataError, SnapshotError
+from .common.memory import release_free_memory
+from .common.progress import Phases, ProgressCallback, part_progress
 from .config import RunConfig
 from .data.datasets import DEFAULT_IMAGE_SIZE, DataBundle, load_data
 from .data.spec import SPEC_HELP, parse_data_spec
-from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
-from .formats.snapshots import load_snapshots
+from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .formats.snapshots import SnapshotSource, open_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
 from .gkp.reconstruct import (
@@ -32,7 +33,8 @@ from .gkp.reconstruct import (
     masked_dense,
 )
 from .gkp.traces import TraceEvent
-from .models.latency import compare_latency
+from .models.batchnorm import Recalibration, copy_batchnorm_statistics, recalibrate_batchnorm
+from .models.latency import RoundTimes, interleaved_latency, latency_verdict
 from .models.metrics import ModelCost, count_cost
 from .models.normalization import (
     UNKNOWN_NORMALIZATION,
@@ -40,21 +42,24 @@ from .models.normalization import (
     parse_normalization,
 )
 from .models.normalize_layer import Normalize
-from .robustness.attacks import RobustnessReport, parse_attack
-from .robustness.probes import (
-    CorruptionReport,
-    FrequencyReport,
-    corruption_probe,
-    frequency_probe,
-)
-from .robustness.sharded import evaluate_sharded
+from .robustness.attacks import RobustnessReport, evaluate_robustness, parse_attack
+from .robustness.collapse import collapse_warnings
+from .robustness.probes import CorruptionReport, FrequencyReport
+from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_sharded
 from .training.finetune import FinetuneResult, finetune
+
+
+DATA_KEY = "data"  # checkpoint metadata: the data spec a workbench checkpoint was made with
+NO_DATA = (
+    "no data is set, so BatchNorm statistics were not recalibrated and accuracy was not measured "
+    "(the pruned model's accuracy may have collapsed); pass --data"
+)
 
 
 @dataclass
 class Workspace:
-    """An opened model with its data (None until loaded, or when none is set), ready for any
-    stage."""
+    """An opened model with its data (None when none is set: the engine never guesses one),
+    ready for any stage."""
 
     config: RunConfig
     checkpoint: LoadedCheckpoint
@@ -63,6 +68,7 @@ class Workspace:
     data: DataBundle | None
     device: torch.device
     ctx: DistContext = field(default_factory=DistContext)
+    data_source: str = "configured"
 
     @property
     def model(self) -> nn.Module:
@@ -70,14 +76,18 @@ class Workspace:
 
     @property
     def in_channels(self) -> int:
-        return int(self.checkpoint.arch.params.get("in_channels", 3))
+        return model_channels(self.checkpoint)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
-        """One image as the model runs on it: the data's size, else the configured or default one
-        (which is what loading the data will give)."""
         size = self.data.image_size if self.data is not None else self.config.data.image_size or DEFAULT_IMAGE_SIZE
         return (1, self.in_channels, size, size)
+
+    def require_data(self, what: str) -> DataBundle:
+        """The dataset, or `ConfigError` saying that `what` needs one."""
+        if self.data is None:
+            raise ConfigError(f"{what} needs data and none is set: pass --data ({SPEC_HELP})")
+        return self.data
 
     @cached_property
     def cost(self) -> ModelCost:
@@ -89,12 +99,6 @@ class Workspace:
         """The plan a pruned checkpoint was saved with, if any."""
         return plan_of(self.checkpoint)
 
-    def require_data(self, what: str) -> DataBundle:
-        """The dataset, or `ConfigError` saying that `what` needs one."""
-        if self.data is None:
-            raise ConfigError(f"{what} needs data and none is set ({SPEC_HELP})")
-        return self.data
-
     def layers(self) -> list[ConvLayer]:
         """Conv layers with eligibility under the current prune settings."""
         p = self.config.prune
@@ -103,9 +107,14 @@ class Workspace:
             skip_stem=p.skip_stem, include_pointwise=p.include_pointwise, exclude=p.exclude,
         )
 
+    @property
+    def example_source(self) -> str:
+        """What `example_batch` holds, for reports."""
+        return "test images" if self.data is not None else "random images (no data set)"
+
     def example_batch(self, size: int = 32) -> torch.Tensor:
-        """The first `size` test images, normalised: a real batch for equivalence checks. Without
-        data, seeded uniform random images stand in."""
+        """The first `size` test images, normalised: a real batch for equivalence checks and
+        timing. Without data, seeded uniform random images stand in."""
         if self.data is None:
             generator = torch.Generator().manual_seed(self.config.run.seed)
             images = torch.rand((size, *self.input_shape[1:]), generator=generator)
@@ -114,78 +123,122 @@ class Workspace:
         return Normalize(self.normalization)(images)
 
 
-def open_workspace(config: RunConfig) -> Workspace:
+def open_workspace(config: RunConfig, *, load: bool = True) -> Workspace:
     """Load the configured checkpoint, its normalisation and the dataset (none when `data.spec`
-    is empty)."""
+    is empty, unless the checkpoint is the workbench's and records the data it was made with).
+    With `load` False the data is only chosen (`config.data.spec`), not loaded, so a front end
+    can show the model first and load the data after (`load_fitting_data`, `with_data`)."""
     config.validate()
     if not config.model.checkpoint:
         raise ConfigError("no checkpoint to open: set model.checkpoint")
+    path = Path(config.model.checkpoint)
     override = parse_normalization(config.model.normalize) if config.model.normalize else None
     checkpoint = load_checkpoint(
-        Path(config.model.checkpoint), arch=config.model.arch or None, normalization=override,
+        path, arch=config.model.arch or None, normalization=override,
         trust_pickle=config.model.trust_pickle,
     )
+    in_channels = model_channels(checkpoint)
+    needing = [stage for stage in ("finetune", "evaluate") if stage in config.run.stages]
+    data, data_source = None, "configured"
+    recorded = checkpoint.metadata.get(DATA_KEY)
+    if not config.data.spec and checkpoint.source_format.startswith(WORKBENCH_FORMAT) and isinstance(recorded, str):
+        # A checkpoint the workbench wrote names the data it was made with, as it stores the
+        # normalisation: the resolved config (and so config.toml) says which data was used.
+        config.data.spec, data_source = recorded, "recorded in the checkpoint"
+    if config.data.spec and load:
+        try:
+            data = load_data(
+                config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
+                seed=config.run.seed, val_fraction=config.data.val_fraction,
+            )
+        except DataError as exc:
+            if data_source == "configured":
+                raise
+            raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
+        check_fit(checkpoint, data, config.data.spec)
+    elif needing and load:
+        stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
+        raise ConfigError(
+            f"{stages} data and none is set: pass --data ({SPEC_HELP}); "
+            "the workbench does not guess which dataset a model was trained on"
+        )
     if override is not None:
         norm, source = override, "set by the user"
     elif checkpoint.normalization is not None:
         norm, source = checkpoint.normalization, "stored in the checkpoint"
-    elif {"finetune", "evaluate"} & set(config.run.stages):
+    elif needing:
         raise ConfigError(
             f"{checkpoint.path.name} does not record its input normalisation; pass --normalize "
             "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
         )
+    elif data is not None:
+        norm, source = data.normalization, GUESSED_FROM_DATA
     else:
         norm, source = parse_normalization("none"), f"{UNKNOWN_NORMALIZATION}: none applied (no data to estimate it from)"
+    norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
-    in_channels = int(checkpoint.arch.params.get("in_channels", 3))
-    ws = Workspace(config, checkpoint, norm.for_channels(in_channels), source, None, ctx.device, ctx)
-    if not config.data.spec:
-        return ws
-    data = load_data(
-        config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
-        seed=config.run.seed, val_fraction=config.data.val_fraction,
-    )
-    return with_data(ws, data)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx, data_source)
 
 
-def with_data(ws: Workspace, data: DataBundle | None) -> Workspace:
-    """`ws` using `data`; a normalisation the checkpoint does not record is then the data's own
-    statistics (and marked as a guess)."""
-    if data is None or not ws.normalization_source.startswith(UNKNOWN_NORMALIZATION):
-        return replace(ws, data=data)
-    guessed = data.normalization.for_channels(ws.in_channels)
-    return replace(ws, data=data, normalization=guessed,
-                   normalization_source=f"{UNKNOWN_NORMALIZATION}: the dataset's own statistics are used")
+GUESSED_FROM_DATA = f"{UNKNOWN_NORMALIZATION}: the dataset's own statistics are used"
 
 
-def check_data_fit(ws: Workspace, spec: str, classes: int | None = None) -> None:
-    """Refuse (`ConfigError`, in words) data the model cannot have been trained on: images stored
-    with other channels than the model takes (they would be converted), or another number of
-    classes than the model's outputs. Decided from the spec alone where the dataset fixes these
-    (so before loading anything), else from `classes` once loaded."""
+def model_channels(checkpoint: LoadedCheckpoint) -> int:
+    """Input channels the model takes (3 where its architecture does not say)."""
+    return int(checkpoint.arch.params.get("in_channels", 3))
+
+
+def with_data(ws: Workspace, data: DataBundle | None, source: str | None = None) -> Workspace:
+    """`ws` using `data` (loaded after opening, `source` saying where its spec came from when not
+    where the workspace's did); a normalisation the checkpoint does not record is then the data's
+    own statistics (and marked as a guess)."""
+    changes: dict[str, Any] = {"data": data, "data_source": source or ws.data_source}
+    if data is not None and ws.normalization_source.startswith(UNKNOWN_NORMALIZATION):
+        changes.update(normalization=data.normalization.for_channels(ws.in_channels),
+                       normalization_source=GUESSED_FROM_DATA)
+    new = replace(ws, **changes)
+    if "cost" in ws.__dict__ and new.input_shape == ws.input_shape:
+        # Counted already: counting again would switch the shared model's mode while jobs read it.
+        new.__dict__["cost"] = ws.cost
+    return new
+
+
+def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None:
+    """Refuse data the model cannot have been trained on: a different class count, or images
+    stored with a different number of channels (a grey dataset for an RGB model, or the reverse)."""
+    _refuse_misfit(checkpoint, spec, data.source_channels, data.num_classes)
+
+
+def check_spec_fit(checkpoint: LoadedCheckpoint, spec: str) -> None:
+    """`check_fit` decided from the spec alone, where the dataset fixes channels and classes, so
+    a front end refuses before loading anything."""
     parsed = parse_data_spec(spec)
-    stored, channels = parsed.native_channels, ws.in_channels
+    _refuse_misfit(checkpoint, spec, parsed.native_channels, parsed.classes)
+
+
+def _refuse_misfit(checkpoint: LoadedCheckpoint, spec: str, stored: int | None, classes: int | None) -> None:
+    outputs = checkpoint.arch.params.get("num_classes")
+    if outputs is not None and classes is not None and int(outputs) != classes:
+        raise ConfigError(
+            f"the model has {outputs} outputs but {spec} has {classes} classes: "
+            "use the data the model was trained on (--data, or the data field)"
+        )
+    channels = model_channels(checkpoint)
     if stored is not None and stored != channels:
         raise ConfigError(
-            f"{parsed.kind} images have {_count(stored, 'channel')} but the model takes {channels}: "
-            "choose the data the model was trained on"
-        )
-    outputs = ws.checkpoint.arch.params.get("num_classes")
-    found = classes if classes is not None else parsed.classes
-    if outputs is not None and found is not None and int(outputs) != found:
-        raise ConfigError(
-            f"the model has {_count(int(outputs), 'output')} but {parsed.kind} has {found} classes: "
-            "choose the data the model was trained on"
+            f"{spec} images have {stored} channel{'s' if stored != 1 else ''} "
+            f"but the model takes {channels}: use the data the model was trained on (--data, or the data field)"
         )
 
 
 def load_fitting_data(ws: Workspace, spec: str) -> DataBundle:
-    """The dataset of `spec` for this model, refused as `check_data_fit` says."""
-    check_data_fit(ws, spec)
+    """The dataset of `spec` for this model, refused as `check_fit` says (from the spec first,
+    so a refusal costs no loading)."""
+    check_spec_fit(ws.checkpoint, spec)
     config = ws.config
     data = load_data(spec, channels=ws.in_channels, image_size=config.data.image_size or None,
                      seed=config.run.seed, val_fraction=config.data.val_fraction)
-    check_data_fit(ws, spec, data.num_classes)
+    check_fit(ws.checkpoint, data, spec)
     return data
 
 
@@ -195,10 +248,6 @@ def data_notes(spec: str, data: DataBundle) -> list[str]:
     if size is not None and size != data.image_size:
         return [f"{size}×{size} images scaled to {data.image_size}×{data.image_size}"]
     return []
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -215,9 +264,9 @@ def check_prunable(ws: Workspace) -> None:
     )
 
 
-def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
+def load_ticket_snapshots(ws: Workspace) -> SnapshotSource:
     """Training snapshots of the ticket window for TMI-GKP, from the configured folder or
-    archive."""
+    archive, read one at a time as pruning asks for them."""
     if ws.config.model.snapshots:
         source = Path(ws.config.model.snapshots)
     else:
@@ -226,15 +275,34 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
             "(a folder of per-epoch checkpoints)"
         )
     p = ws.config.prune
-    return load_snapshots(
+    return open_snapshots(
         source, reference=ws.checkpoint.state_dict, window=tuple(p.ticket_window), step=p.ticket_step
     )
 
 
 @dataclass
+class AccuracyCheck:
+    """Validation accuracy right after pruning, on the same `n` images: the unpruned model, the
+    pruned one with its stale BatchNorm statistics (`raw`) and after recalibration (None when
+    recalibration was off or found no BatchNorm); `warnings` flag collapsed models in words."""
+
+    split: str
+    n: int
+    before: float
+    raw: float
+    recalibrated: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "before": self.before, "raw": self.raw,
+                "recalibrated": self.recalibrated}
+
+
+@dataclass
 class PruneOutcome:
     """A pruned model (grouped form: the one to train and save), its deployed form, and the
-    measurements that show what pruning did."""
+    measurements that show what pruning did. `accuracy` and `recalibration` are None without
+    data; `notes` say what was skipped and why; `snapshots` names the TMI tickets used."""
 
     plan: PrunePlan
     model: nn.Module
@@ -242,13 +310,95 @@ class PruneOutcome:
     cost_before: ModelCost
     cost_after: ModelCost
     equivalence_max_abs_err: float
+    equivalence_input: str
     seconds: float
-    latency_ms: dict[str, float]
+    step_seconds: dict[str, float]
+    latency: dict[str, RoundTimes]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
+    accuracy: AccuracyCheck | None = None
+    recalibration: Recalibration | None = None
+    snapshots: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latency_verdict(self) -> str:
+        """faster, slower or within noise (the pruned model against the original); always within
+        noise when no pruned layer is deployed grouped, since the deployed model then runs the
+        original's convolutions with zeros in place of the pruned kernels."""
+        if not self.deploy.get("counts", {}).get("grouped"):
+            return "within noise"
+        return latency_verdict(self.latency["original"], self.latency["pruned"])
+
+    @property
+    def speedup(self) -> float:
+        """Original over pruned median latency."""
+        after = self.latency["pruned"].median_ms
+        return self.latency["original"].median_ms / after if after else 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        """Everything a reader of the numbers must know: skipped steps and collapsed models."""
+        return [*self.notes, *([] if self.accuracy is None else self.accuracy.warnings)]
 
 
-PRUNE_PHASES: tuple[str, ...] = ("plan", "reconstruct", "equivalence", "latency")
+def validation_accuracy(
+    ws: Workspace, model: nn.Module, what: str, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> RobustnessReport:
+    """Clean accuracy of `model` on the whole validation split (no attack), with how often it
+    predicted each class."""
+    data = ws.require_data("measuring accuracy")
+    return evaluate_robustness(
+        model, ws.normalization, data.val, [], batch_size=ws.config.evaluate.batch_size,
+        device=str(ws.device), seed=ws.config.run.seed, progress=part_progress(progress, 0, 1, what),
+        cancel=cancel,
+    )
+
+
+def recalibrate_and_check(
+    ws: Workspace, original: nn.Module, masked: nn.Module, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> tuple[AccuracyCheck, Recalibration | None]:
+    """Measure the unpruned and the freshly pruned model (`masked`, its dense form) on the
+    validation split, re-estimate `masked`'s BatchNorm statistics on training images (SPEC §7,
+    `prune.recalibrate_images`; in place) and measure it again."""
+    data = ws.require_data("recalibration")
+    classes = data.classes
+    labels = {"before": "unpruned model", "raw": "pruned model before BatchNorm recalibration",
+              "recalibrated": "pruned model after BatchNorm recalibration"}
+    images = ws.config.prune.recalibrate_images
+    parts = 4 if images else 2  # the measures and the recalibration share the progress in turn
+    reports = {"before": validation_accuracy(ws, original, labels["before"], progress=part_progress(progress, 0, parts),
+                                             cancel=cancel),
+               "raw": validation_accuracy(ws, masked, labels["raw"], progress=part_progress(progress, 1, parts),
+                                          cancel=cancel)}
+    recalibration = None
+    if images:
+        recalibration = recalibrate_batchnorm(
+            masked, data.train, ws.normalization, n_images=images, batch_size=ws.config.evaluate.batch_size,
+            seed=ws.config.run.seed, device=ws.device, progress=part_progress(progress, 2, parts, "recalibration"),
+            cancel=cancel,
+        )
+        if recalibration.layers:
+            reports["recalibrated"] = validation_accuracy(ws, masked, labels["recalibrated"],
+                                                          progress=part_progress(progress, 3, parts), cancel=cancel)
+    before = reports["before"].clean_acc
+    warnings = [
+        warning for key, r in reports.items()
+        for warning in collapse_warnings(labels[key], r.clean_acc, r.clean_predicted, classes,
+                                         reference=None if key == "before" else (labels["before"], before))
+    ]
+    after = reports.get("recalibrated")
+    check = AccuracyCheck("val", reports["raw"].n_examples, before, reports["raw"].clean_acc,
+                          None if after is None else after.clean_acc, warnings)
+    return check, recalibration
+
+
+# The phases of a prune in the order they run (the report's `prune.step_seconds` keys):
+# recalibrate also measures validation accuracy before and after (none of it without data),
+# rebuild makes the grouped and deployed forms, check is their equivalence to the masked model.
+PRUNE_PHASES: tuple[str, ...] = ("plan", "recalibrate", "rebuild", "check", "latency")
 
 
 def prune(
@@ -258,9 +408,13 @@ def prune(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> PruneOutcome:
-    """Plan the pruning with the configured method, rebuild the model in grouped and deployed
-    form, check both against the masked dense model on a real test batch and time them. Progress
-    names each of `PRUNE_PHASES` with its own fraction and time (`Phases`)."""
+    """Plan the pruning with the configured method, recalibrate the pruned model's BatchNorm
+    statistics (measuring validation accuracy before and after), rebuild it in grouped and
+    deployed form, check both against the masked dense model on a real test batch, and time
+    the deployed model against the original in interleaved rounds. Progress names each of
+    `PRUNE_PHASES` with its own fraction and time (`Phases`); `step_seconds` are those times.
+    Under torchrun rank 0 plans and the others receive its plan. `ws.model` is read, never moved
+    or changed, so other jobs may use it meanwhile."""
     from .gkp.planner import (
         plan_pruning,  # deferred: it loads scipy (~1 s), which opening a model does not need
     )
@@ -268,17 +422,41 @@ def prune(
     config = ws.config
     check_prunable(ws)
     phases = Phases(PRUNE_PHASES, progress)
+    plan: PrunePlan | None = None
+    snapshots: SnapshotSource | None = None  # rank 0 alone opens them, and alone writes the report that names them
     with phases.run("plan") as report:
-        snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
-        start = time.perf_counter()
-        plan = plan_pruning(
-            ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
-            on_event=on_event, progress=report, cancel=cancel,
-        )
-        seconds = time.perf_counter() - start
-        check_cancel(cancel)
-    with phases.run("reconstruct"):
-        original = ws.model.to(ws.device).eval()
+        if ws.ctx.is_main:
+            snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
+            try:
+                plan = plan_pruning(
+                    ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
+                    on_event=on_event, progress=report, cancel=cancel,
+                )
+            except Cancelled:
+                pass  # the others learn it from the broadcast: no plan
+        plan = ws.ctx.broadcast_object(plan)
+        if plan is None:
+            raise Cancelled("pruning cancelled")
+        release_free_memory()  # the search's temporaries, before the model copies below
+        ws.ctx.check_cancel(cancel)
+    notes: list[str] = []
+    accuracy = recalibration = None
+    with phases.run("recalibrate") as report:
+        original = copy.deepcopy(ws.model).to(ws.device).eval()
+        # `original` is this call's own copy, so the reference may share its unpruned tensors.
+        masked = masked_dense(original, plan, share_unplanned=True)
+        if ws.data is None:
+            notes.append(NO_DATA)
+        else:
+            # Under torchrun a cancel is acted on only where the ranks agree on it (check_cancel below).
+            local_cancel = None if ws.ctx.distributed else cancel
+            accuracy, recalibration = recalibrate_and_check(ws, original, masked, progress=report, cancel=local_cancel)
+            if not config.prune.recalibrate_images:
+                notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
+            elif recalibration is not None and recalibration.note:
+                notes.append(recalibration.note)
+        ws.ctx.check_cancel(cancel)
+    with phases.run("rebuild"):
         batch = ws.example_batch().to(ws.device)
         size = config.deploy.latency_batch
         latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -287,16 +465,17 @@ def prune(
             grouped if config.deploy.form == "grouped"
             else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
         )
+        for model in (grouped, deployed):
+            copy_batchnorm_statistics(masked, model)
         cost_after = count_cost(grouped, ws.input_shape)
-        check_cancel(cancel)
-    with phases.run("equivalence"):
-        masked = masked_dense(original, plan)
+        ws.ctx.check_cancel(cancel)
+    with phases.run("check"):
         error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
-        check_cancel(cancel)
+        del masked
+        ws.ctx.check_cancel(cancel)
     with phases.run("latency"):
-        timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
-        check_cancel(cancel)
-    before, after = timing["original"], timing["pruned"]
+        timing = interleaved_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
+    steps = {name: state.seconds for name, state in phases.states.items()}
     return PruneOutcome(
         plan=plan,
         model=grouped,
@@ -304,16 +483,24 @@ def prune(
         cost_before=ws.cost,
         cost_after=cost_after,
         equivalence_max_abs_err=error,
-        seconds=seconds,
-        latency_ms={"original": before, "pruned": after, "speedup": before / after if after else 0.0},
+        equivalence_input=ws.example_source,
+        seconds=steps["plan"],
+        step_seconds=steps,
+        latency=timing,
         latency_batch=size,
         deploy=deploy_summary(deployed),
+        accuracy=accuracy,
+        recalibration=recalibration,
+        snapshots=None if snapshots is None else {"source": config.model.snapshots, "epochs": sorted(snapshots)},
+        notes=notes,
     )
 
 
 def save_model(ws: Workspace, path: Path, model: nn.Module, plan: PrunePlan | None, metadata: dict[str, Any]) -> None:
-    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan)."""
-    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata=metadata)
+    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan, and
+    the data spec it was made with, when there was data)."""
+    data = {DATA_KEY: ws.config.data.spec} if ws.data is not None else {}
+    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata={**metadata, **data})
 
 
 def finetune_model(
@@ -337,11 +524,13 @@ def finetune_model(
 
 @dataclass
 class Evaluation:
-    """Clean and robust accuracy of one model, with the optional probes."""
+    """Clean and robust accuracy of one model, with the optional probes; `warnings` flag a
+    collapsed model and failed sanity checks of the attacks in words."""
 
     robustness: RobustnessReport
     frequency: FrequencyReport | None
     corruption: CorruptionReport | None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         report = self.robustness
@@ -354,6 +543,7 @@ class Evaluation:
             "images_per_second": report.images_per_second,
             "frequency": None if self.frequency is None else self.frequency.to_dict(),
             "corruption": None if self.corruption is None else self.corruption.to_dict(),
+            "warnings": list(self.warnings),
         }
 
 
@@ -364,15 +554,16 @@ def evaluate(
     ws: Workspace,
     model: nn.Module,
     *,
+    label: str = "model",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     on_result: Callable[[Evaluation], None] | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model. Progress names each of `EVALUATE_PHASES` (`Phases`; a probe
-    that is off is skipped); `on_result` receives the evaluation so far after the clean pass,
-    each attack and each probe. Under torchrun the attacks are sharded over the processes and the
-    probes run on rank 0 only."""
+    equivalent of a pruned model; `label` names the model in warnings. Progress names each of
+    `EVALUATE_PHASES` (`Phases`; a probe that is off is skipped); `on_result` receives the
+    evaluation so far after the clean pass, each attack and each probe. Under torchrun the
+    attacks and probes are sharded over the processes."""
     cfg = ws.config.evaluate
     data = ws.require_data("evaluation")
     model = dense_equivalent(model)
@@ -382,9 +573,13 @@ def evaluate(
     frequency: FrequencyReport | None = None
     corruption: CorruptionReport | None = None
 
+    def so_far(robustness: RobustnessReport) -> Evaluation:
+        warnings = collapse_warnings(label, robustness.clean_acc, robustness.clean_predicted, data.classes)
+        return Evaluation(robustness, frequency, corruption, warnings + [f"{label}: {w}" for w in robustness.warnings])
+
     def deliver(robustness: RobustnessReport) -> None:
         if on_result is not None:
-            on_result(Evaluation(robustness, frequency, corruption))
+            on_result(so_far(robustness))
 
     with phases.run("attacks") as report:
         robustness = evaluate_sharded(
@@ -392,20 +587,19 @@ def evaluate(
             max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, progress=report,
             on_report=deliver, **common,
         )
-    probe = ws.ctx.is_main
     for name, wanted in (("frequency", cfg.frequency), ("corruption", cfg.corruption)):
-        if not (wanted and probe):
-            phases.skip(name, "off" if not wanted else "rank 0 runs the probes")
+        if not wanted:
+            phases.skip(name, "off")
             continue
         with phases.run(name) as report:
             if name == "frequency":
-                frequency = frequency_probe(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds),
-                                            max_examples=limit, progress=report, **common)
+                frequency = frequency_sharded(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds),
+                                              ctx=ws.ctx, max_examples=limit, progress=report, **common)
             else:
-                corruption = corruption_probe(model, ws.normalization, data.test, severities=tuple(cfg.severities),
-                                              max_examples=limit, progress=report, **common)
+                corruption = corruption_sharded(model, ws.normalization, data.test, severities=tuple(cfg.severities),
+                                                ctx=ws.ctx, max_examples=limit, progress=report, **common)
         deliver(robustness)
-    return Evaluation(robustness, frequency, corruption)
+    return so_far(robustness)
 
 
 def needs_snapshots(config: RunConfig) -> bool:
@@ -427,6 +621,8 @@ def plan_of(checkpoint: LoadedCheckpoint) -> PrunePlan | None:
 def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
     """The `prune` and `deploy` sections of the report."""
     plan, before, after = outcome.plan, outcome.cost_before, outcome.cost_after
+    recalibration = outcome.recalibration
+    original, pruned = outcome.latency["original"], outcome.latency["pruned"]
     return {
         "prune": {
             "method": plan.method,
@@ -442,7 +638,13 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "macs_after": after.macs,
             "macs_reduction": 1 - after.macs / before.macs,
             "seconds": outcome.seconds,
+            "step_seconds": outcome.step_seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
+            "equivalence_input": outcome.equivalence_input,
+            "accuracy": None if outcome.accuracy is None else outcome.accuracy.to_dict(),
+            "recalibration": None if recalibration is None else recalibration.to_dict(),
+            "snapshots": outcome.snapshots,
+            "warnings": outcome.warnings,
             "layers": [
                 {"name": l.name, "in_channels": l.in_channels, "out_channels": l.out_channels,
                  "kept": l.kept, "achieved_ratio": l.achieved_ratio}
@@ -453,7 +655,9 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
         "deploy": {
             "form": outcome.deploy.get("form"),
             "batch": outcome.latency_batch,
-            "latency_ms": outcome.latency_ms,
+            "latency_ms": {"original": original.median_ms, "pruned": pruned.median_ms, "speedup": outcome.speedup},
+            "latency": {"original": original.to_dict(), "pruned": pruned.to_dict(), "verdict": outcome.latency_verdict},
+            "counts": outcome.deploy.get("counts"),
             "layers": outcome.deploy.get("layers"),
         },
     }

@@ -15,7 +15,7 @@ from engine.models.architectures import ArchSpec
 from engine.models.cifar_resnet import CifarResNet
 from engine.models.normalization import Normalization
 from engine.pipeline import (
-    check_data_fit,
+    check_spec_fit,
     data_notes,
     load_fitting_data,
     open_workspace,
@@ -62,8 +62,8 @@ def test_data_that_does_not_fit_is_refused_before_loading(tmp_path: Path) -> Non
     empty.mkdir()
     gray = opened(resnet_checkpoint(tmp_path, channels=1, classes=10, normalization=True))
     # An empty folder would fail to load: refused on the spec alone, nothing was read.
-    with pytest.raises(ConfigError, match="cifar10 images have 3 channels but the model takes 1"):
-        check_data_fit(gray, f"cifar10:{empty}")
+    with pytest.raises(ConfigError, match="cifar10:.* images have 3 channels but the model takes 1"):
+        check_spec_fit(gray.checkpoint, f"cifar10:{empty}")
     five = opened(resnet_checkpoint(tmp_path, channels=1, classes=5, normalization=True))
     with pytest.raises(ConfigError, match="the model has 5 outputs but digits has 10 classes"):
         load_fitting_data(five, "digits")
@@ -74,7 +74,26 @@ def test_fitting_data_loads_and_says_what_it_did(tmp_path: Path) -> None:
     data = load_fitting_data(ws, "digits")
     assert data.in_channels == 1 and data.image_size == 16
     assert data_notes("digits", data) == ["8×8 images scaled to 16×16"]
+    cost = ws.cost
     with_digits = with_data(ws, data)
     assert with_digits.data is data and ws.data is None
+    assert with_digits.__dict__["cost"] is cost  # not counted again (that switches the model's mode)
     assert with_digits.normalization == data.normalization  # unknown before: the data's own statistics
     assert with_digits.normalization_source == "unknown: the dataset's own statistics are used"
+
+
+def test_opening_without_loading_keeps_the_data_a_checkpoint_records(tmp_path: Path) -> None:
+    """A front end shows the model first: the recorded data spec is chosen, nothing is loaded."""
+    path = tmp_path / "made_on_digits.pt"
+    spec = ArchSpec("cifar_resnet", "resnet20", {
+        "depth": 20, "naming": "layer", "shortcut": "A", "num_classes": 10, "in_channels": 1, "width": 16,
+    })
+    save_checkpoint(path, CifarResNet(20, in_channels=1), spec, Normalization((0.5,), (0.25,)),
+                    metadata={"data": "digits"})
+    config = RunConfig()
+    config.model.checkpoint, config.run.stages = str(path), ["prune"]
+    ws = open_workspace(config, load=False)
+    assert ws.data is None and ws.config.data.spec == "digits" and ws.data_source == "recorded in the checkpoint"
+    loaded = with_data(ws, load_fitting_data(ws, "digits"))
+    assert loaded.data is not None and loaded.data_source == "recorded in the checkpoint"
+    assert with_data(ws, loaded.data, "chosen in the app").data_source == "chosen in the app"

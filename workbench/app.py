@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 TICK_SECONDS = 1.0  # how often running jobs' clocks are redrawn when they report nothing new
 QUIT_WAIT_SECONDS = 5.0  # how long quitting waits for cancelled jobs to stop
 HELP_SCREEN = "help"
-NO_DATA = "none set: fine-tuning and evaluation need data; set it on the Jobs or Prune screen"
+NO_DATA = ("none set: pruning works but measures no accuracy and recalibrates no BatchNorm; fine-tuning and "
+           "evaluation need data; set it in the data field (Jobs or Prune screen)")
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,8 @@ class WorkbenchApp(App[int]):
     def _model_ready(self, opened: tasks.Opened) -> None:
         session = self.session
         session.workspace, session.info, session.events = opened.workspace, opened.info, opened.events
+        self.config = opened.workspace.config  # its data spec may be the one the checkpoint records
         session.data_note = "" if self.config.data.spec else NO_DATA
-        self.config = opened.workspace.config
         freeze_heap()
         self.changed()
 
@@ -282,7 +283,7 @@ class WorkbenchApp(App[int]):
         # Torch and the engine are loaded by now (a worker built `loaded`), so this import is free.
         from engine.pipeline import with_data
 
-        session.workspace = with_data(ws, loaded.data)
+        session.workspace = with_data(ws, loaded.data, "chosen in the app" if job.kind == "data" else None)
         self.config.data.spec = loaded.spec
         session.data_note = "; ".join(loaded.notes)
         session.evaluations.clear()  # they were on other data
@@ -342,10 +343,17 @@ class WorkbenchApp(App[int]):
             session.evaluations.pop(label, None)
             session.evaluation_status.pop(label, None)
         before, after = outcome.cost_before, outcome.cost_after
+        accuracy = outcome.accuracy
+        measured = "" if accuracy is None else (
+            f" Validation accuracy {accuracy.before:.1%} → {accuracy.raw:.1%} raw"
+            + ("" if accuracy.recalibrated is None else f" → {accuracy.recalibrated:.1%} after BN recalibration")
+            + "."
+        )
         self.notify(
             f"{len(outcome.plan.layers)} convs pruned in {job.seconds:.1f} s; "
-            f"MACs {1 - after.macs / before.macs:.1%} fewer. Open a layer and press d to step through its decisions.",
-            title="Pruned",
+            f"MACs {1 - after.macs / before.macs:.1%} fewer.{measured} "
+            "Open a layer and press d to step through its decisions.",
+            title="Pruned", severity="warning" if outcome.warnings else "information",
         )
         self.changed()
 
@@ -397,7 +405,8 @@ class WorkbenchApp(App[int]):
         """True when the model has data; otherwise say why not and where to set it."""
         ws = self.session.workspace
         if ws is not None and ws.data is None:
-            reason = self.session.data_note.removeprefix("none: ").removeprefix("none set: ")
+            note = self.session.data_note
+            reason = "none is set" if note.startswith("none set") else note.removeprefix("none: ")
             self.notify(f"{job} needs data ({reason}); set it in the data field.", title="No data", severity="warning")
             return False
         return True

@@ -101,11 +101,11 @@ def open_model(config: RunConfig, progress: ProgressRelay,
     config = copy.deepcopy(config)
     # The TUI opens for inspection; a job that needs the normalisation asks for it then.
     config.run.stages = ["prune"]
-    spec, config.data.spec = config.data.spec, ""
     phases = Phases(OPEN_PHASES, progress)
     with phases.run("model"):
-        ws = open_workspace(config)
+        ws = open_workspace(config, load=False)
         check_cancel(cancel)
+    spec = ws.config.data.spec  # the configured one, or the one a workbench checkpoint records
     with phases.run("measure"), single_threaded():
         info = inspect_model(ws.model, ws.cost, config.prune.smoothness_power)
         style_table()  # the heatmap's colour styles, built here rather than on its first draw
@@ -159,10 +159,11 @@ def finetune_copy(ws: Workspace, base: nn.Module, plan: PrunePlan | None, out_di
 
 def evaluate_models(ws: Workspace, models: dict[str, nn.Module], progress: ProgressRelay,
                     cancel: threading.Event) -> dict[str, Evaluation]:
-    """The configured attacks and probes on each model in turn, each result handed over as soon
-    as it exists (`EvaluationPart`, per attack and per model). Progress is over all models, each
-    taking an equal share, so it never goes back when the next model starts; messages name the
-    model and how far its own evaluation is."""
+    """The configured attacks and probes on a copy of each model in turn (evaluation moves a model
+    to the device and switches its mode, which another job may be reading meanwhile), each result
+    handed over as soon as it exists (`EvaluationPart`, per attack and per model). Progress is over
+    all models, each taking an equal share, so it never goes back when the next model starts;
+    messages name the model and how far its own evaluation is."""
     results: dict[str, Evaluation] = {}
     for number, (label, model) in enumerate(models.items()):
 
@@ -176,7 +177,8 @@ def evaluate_models(ws: Workspace, models: dict[str, nn.Module], progress: Progr
         def part(evaluation: Evaluation, label: str = label) -> None:
             progress.deliver(EvaluationPart(label, evaluation, complete=False))
 
-        results[label] = evaluate(ws, model, progress=relabelled, cancel=cancel, on_result=part)
+        results[label] = evaluate(ws, copy.deepcopy(model), label=f"{label} model", progress=relabelled,
+                                  cancel=cancel, on_result=part)
         progress.deliver(EvaluationPart(label, results[label], complete=True))
     return results
 

@@ -37,6 +37,21 @@ def report(callback: ProgressCallback | None, progress: Progress) -> None:
         callback(progress)
 
 
+def part_progress(progress: ProgressCallback | None, index: int, count: int, what: str = "") -> ProgressCallback | None:
+    """`progress` for part `index` of `count` equal parts of one operation: each report's done and
+    total scaled into that part's share, so the whole never goes back as the parts run in order;
+    messages prefixed by `what`."""
+    if progress is None:
+        return None
+
+    def scaled(p: Progress) -> None:
+        done, total = (index * p.total + p.done, count * p.total) if p.total else (p.done, None)
+        message = f"{what}: {p.message}".rstrip(": ") if what else p.message
+        progress(Progress(p.stage, done, total, message, p.metrics))
+
+    return scaled
+
+
 def check_cancel(cancel: threading.Event | None) -> None:
     """Raise `Cancelled` if the cancellation event is set."""
     if cancel is not None and cancel.is_set():

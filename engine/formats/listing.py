@@ -6,6 +6,7 @@ passes first, the restricted unpickler's inert stand-ins, a torch file's tensor 
 from __future__ import annotations
 
 import collections
+import itertools
 import pickle
 import re
 import zipfile
@@ -24,6 +25,8 @@ SNAPSHOT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".th", ".tar", ".ckpt", ".b
 EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
 _EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
 _SHOWN = 8  # missing epochs listed before "..."
+SMALL_ARRAY = 1 << 24  # bytes: a snapshot archive's index arrays are far smaller
+_MAX_RATIO = 1100  # an archive member expands at most this much (deflate: about 1032-fold)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's pre-zip format
 
 
@@ -328,11 +331,15 @@ def epoch_of(name: str) -> int | None:
 
 
 def archive_epochs(path: Path) -> list[int]:
-    """The epochs a compact snapshot archive holds (read from its `epochs` array only)."""
+    """The epochs a compact snapshot archive holds (its `epochs` array only, loaded once its
+    header shows a size the archive holds)."""
     try:
+        headers = array_headers(path)
+        if "epochs" not in headers or array_nbytes(headers["epochs"]) > SMALL_ARRAY:
+            raise ValueError("it has no epochs array of a readable size")
         with np.load(path, allow_pickle=False) as data:
             return sorted(int(e) for e in data["epochs"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"{path} is neither a snapshot directory nor a readable snapshot archive ({exc})") from None
 
 
@@ -354,18 +361,19 @@ def requested_epochs(found: list[int], window: tuple[int, int] | None, step: int
     """Every `step`-th epoch of the window (or of the found range); `SnapshotError` listing the
     missing ones and what was found when any is absent."""
     first, last = window if window is not None else (found[0], found[-1])
-    wanted = list(range(first, last + 1, step))
+    wanted = range(first, last + 1, step)
     have = set(found)
-    missing = [e for e in wanted if e not in have]
-    if missing:
-        listed = ", ".join(str(e) for e in missing[:_SHOWN])
-        if len(missing) > _SHOWN:
-            listed += f", ... ({len(missing)} in all)"
+    count = len(wanted) - sum(1 for e in have if e in wanted)  # without listing a huge window
+    if count:
+        missing = list(itertools.islice((e for e in wanted if e not in have), _SHOWN))
+        listed = ", ".join(str(e) for e in missing)
+        if count > _SHOWN:
+            listed += f", ... ({count} in all)"
         where = f"ticket window {first}..{last}" if window is not None else f"epochs {first}..{last}"
         if step > 1:
             where += f" at step {step}"
         raise SnapshotError(f"missing epochs {listed} in {where} (found {epoch_ranges(found)})")
-    return wanted
+    return list(wanted)
 
 
 def epoch_ranges(epochs: list[int]) -> str:
@@ -377,3 +385,26 @@ def epoch_ranges(epochs: list[int]) -> str:
         else:
             runs.append([epoch, epoch])
     return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
+def array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an .npz archive, read from the headers alone, each
+    checked to need no more bytes than the archive stores for it (so loading cannot be made to
+    allocate more than the file holds, beyond what compression gives)."""
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+            if dtype.hasobject or array_nbytes((shape, dtype)) > info.file_size or info.file_size > _MAX_RATIO * max(1, info.compress_size):
+                raise ValueError(f"array {info.filename} declares more data than the archive holds")
+            headers[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
+    return headers
+
+
+def array_nbytes(header: tuple[tuple[int, ...], np.dtype]) -> int:
+    """Bytes an array of this (shape, dtype) header takes once loaded."""
+    shape, dtype = header
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize

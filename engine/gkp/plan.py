@@ -11,10 +11,14 @@ from typing import Any
 
 from torch import nn
 
+from ..common.checks import is_whole
 from ..common.errors import PlanError
 from ..common.fileio import write_text_atomic
 
 PLAN_VERSION = 1
+# Bounds on what a plan read from a file may declare, checked before anything is built from it.
+MAX_CHANNELS = 65_536
+MAX_KERNEL = 1024
 
 
 @dataclass
@@ -81,22 +85,47 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        """A layer entry read from a file: its sizes are checked against MAX_CHANNELS and
+        MAX_KERNEL before any list in it is copied, then the entry itself (`check`)."""
         try:
+            name = data["name"]
+            if not isinstance(name, str):
+                raise TypeError(f"layer name {name!r} is not text")
+            sizes = (data["out_channels"], data["in_channels"], *data["kernel_size"])
+            limits = (MAX_CHANNELS, MAX_CHANNELS, MAX_KERNEL, MAX_KERNEL)
+            if len(sizes) != 4 or not all(is_whole(v) and 1 <= v <= top for v, top in zip(sizes, limits)):
+                raise ValueError(f"{name}: channel counts and kernel size must be whole numbers within "
+                                 f"{MAX_CHANNELS} and {MAX_KERNEL}, got {sizes}")
+            out_channels, in_channels = sizes[0], sizes[1]
+            groups, kept = data["filter_groups"], data["kept_channels"]
+            if not _short_lists(groups, out_channels) or not _short_lists(kept, out_channels * in_channels):
+                raise ValueError(f"{name}: filter_groups and kept_channels must be lists of index lists "
+                                 f"no longer than the layer's {out_channels} filters and {in_channels} channels")
             layer = cls(
-                name=str(data["name"]),
-                out_channels=int(data["out_channels"]),
-                in_channels=int(data["in_channels"]),
-                kernel_size=(int(data["kernel_size"][0]), int(data["kernel_size"][1])),
-                filter_groups=[[int(i) for i in g] for g in data["filter_groups"]],
-                kept_channels=[sorted(int(i) for i in k) for k in data["kept_channels"]],
+                name=name,
+                out_channels=out_channels,
+                in_channels=in_channels,
+                kernel_size=(sizes[2], sizes[3]),
+                filter_groups=[[int(i) for i in g] for g in groups],
+                kept_channels=[sorted(int(i) for i in k) for k in kept],
                 grouping=str(data["grouping"]),
                 selection=str(data["selection"]),
                 score=None if data.get("score") is None else float(data["score"]),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise PlanError(f"malformed layer entry in plan: {exc!r}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed layer entry in plan: {detail}") from None
         layer.check()
         return layer
+
+
+def _short_lists(value: Any, total: int) -> bool:
+    """Whether `value` is a list of at most `total` lists of whole numbers, `total` entries in all
+    (lengths are compared before any entry is read)."""
+    return (
+        isinstance(value, list) and len(value) <= total and all(isinstance(v, list) for v in value)
+        and sum(len(v) for v in value) <= total and all(is_whole(i) for v in value for i in v)
+    )
 
 
 @dataclass
@@ -142,8 +171,8 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> "PrunePlan":
-        if not isinstance(data, dict) or "layers" not in data or "method" not in data:
-            raise PlanError("not a pruning plan (expects an object with 'method' and 'layers')")
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "method" not in data:
+            raise PlanError("not a pruning plan (expects an object with 'method' and a list of 'layers')")
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expects {PLAN_VERSION})")
         try:

@@ -22,6 +22,7 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 CLUSTER_PREFIX = "cluster:"
 MAX_BEAM_CANDIDATES = 4096  # a beam holds up to beam_width ** (check_every + 1) sets before a cut
+MAX_TICKET_EPOCH = 100_000  # as many epochs as fine-tuning allows
 GROUPINGS: tuple[str, ...] = (
     "smoothness-snaking", "magnitude-snaking", "random", "tmi", *(CLUSTER_PREFIX + s for s in SCHEMES),
 )
@@ -36,7 +37,8 @@ def check_rate_and_groups(rate: float, groups: int, prefix: str = "") -> None:
 @dataclass
 class PruneConfig:
     """Every pruning knob with the SPEC default. `grouping` / `selection` override the method's
-    own stages for ablations (None = the method's)."""
+    own stages for ablations (None = the method's); `recalibrate_images` training images
+    re-estimate the BatchNorm statistics after pruning (0 = off)."""
 
     method: str = "sr-gkp"
     grouping: str | None = None
@@ -59,6 +61,7 @@ class PruneConfig:
     ticket_step: int = 1
     tmi_schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
     trace_level: str = "decisions"
+    recalibrate_images: int = 1024
 
     @property
     def resolved_grouping(self) -> str:
@@ -104,12 +107,14 @@ class PruneConfig:
         window = self.ticket_window
         if (not isinstance(window, (list, tuple)) or len(window) != 2
                 or not all(isinstance(e, int) and not isinstance(e, bool) for e in window)
-                or not 0 <= window[0] <= window[1]):
-            raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last, got {window!r}")
+                or not 0 <= window[0] <= window[1] <= MAX_TICKET_EPOCH):
+            raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last <= "
+                              f"{MAX_TICKET_EPOCH}, got {window!r}")
         whole("prune.ticket_step", self.ticket_step, 1)
         texts("prune.tmi_schemes", self.tmi_schemes, non_empty=True, distinct=True)
         for scheme in self.tmi_schemes:
             one_of("each of prune.tmi_schemes", scheme, SCHEMES)
+        whole("prune.recalibrate_images", self.recalibrate_images, 0)
 
     def params(self) -> dict[str, Any]:
         """Every parameter, JSON-ready, with `grouping` / `selection` resolved."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..common.devices import resolve_device
+from ..common.devices import exact_fp32, resolve_device
 from ..common.errors import ConfigError
 from ..models.latency import measure_latency
 from .plan import LayerPlan, PrunePlan
@@ -203,11 +203,15 @@ def install_plan_structure(model: nn.Module, plan: PrunePlan) -> None:
         _replace(model, layer.name, GroupedKernelConv.empty(layer, model.get_submodule(layer.name)))
 
 
-def masked_dense(model: nn.Module, plan: PrunePlan) -> nn.Module:
+def masked_dense(model: nn.Module, plan: PrunePlan, *, share_unplanned: bool = False) -> nn.Module:
     """A copy of `model` whose planned convs keep only their kept kernels (the others zeroed):
-    the reference every reconstruction must match."""
+    the reference every reconstruction must match. `share_unplanned` copies only the planned
+    convs' weights and reuses every other parameter and buffer of `model` (less memory, for a
+    reference that is only run, never trained)."""
     plan.check_fits(model)
-    masked = copy.deepcopy(model)
+    planned = {id(model.get_submodule(layer.name).weight) for layer in plan.layers}
+    tensors = (*model.parameters(), *model.buffers()) if share_unplanned else ()
+    masked = copy.deepcopy(model, memo={id(t): t for t in tensors if id(t) not in planned})
     for layer in plan.layers:
         conv = masked.get_submodule(layer.name)
         keep = torch.zeros(layer.out_channels, layer.in_channels, dtype=torch.bool, device=conv.weight.device)
@@ -343,7 +347,7 @@ def apply_plan(
     example = example_input.to(_device_of(deployed))
     timer = timer or _default_timer
     modules, choices = _choose_auto(deployed, plan, example, timer)
-    original = copy.deepcopy(deployed)
+    original = model if _device_of(model) == _device_of(deployed) else copy.deepcopy(deployed)
     _install(deployed, modules, choices)
     _densify_if_slower(original, deployed, choices, example, timer)
     return deployed
@@ -375,14 +379,15 @@ def deploy_summary(model: nn.Module) -> dict[str, Any]:
 
 def equivalence_error(a: nn.Module, b: nn.Module, inputs: torch.Tensor | Iterable[torch.Tensor]) -> float:
     """Largest absolute difference between the two models' outputs over `inputs` (one batch or
-    several), both run in eval mode on their own device; their modes are restored after."""
+    several), both run in eval mode on their own device, in full fp32 (TF32 on an Ampere or newer
+    GPU alone differs by more than the 1e-4 the check allows); their modes are restored after."""
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     modes = (a.training, b.training)
     worst = 0.0
     try:
         a.eval()
         b.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32():
             for x in batches:
                 out_a = a(x.to(_device_of(a)))
                 out_b = b(x.to(_device_of(b)))

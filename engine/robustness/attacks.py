@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..common.checks import MAX_SEED
 from ..common.devices import resolve_device
 from ..common.errors import ConfigError, DataError
-from ..common.progress import Progress, ProgressCallback, check_cancel
+from ..common.progress import ProgressCallback, check_cancel, part_progress
 from ..models.normalization import Normalization
 from ..models.normalize_layer import Normalize, with_normalization
 from .attack_spec import (
@@ -60,6 +61,8 @@ _NO_ZERO_EPS_CHECK = {"AutoAttack", "Square"}
 _CHECK_EXAMPLES = 32
 # torchattacks gives these integer defaults, but they are real-valued (CW's c and kappa, ...).
 _REAL_WITH_INT_DEFAULT = {"c", "kappa", "scale", "lam"}
+# Whole-number settings (steps, restarts, queries, batch sizes) stay below this; seeds below MAX_SEED.
+MAX_ATTACK_COUNT = 100_000
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per-channel lower and upper bounds of valid inputs in normalised space.
@@ -80,8 +83,9 @@ class AttackResult:
 
 @dataclass
 class RobustnessReport:
-    """Clean and per-attack accuracy (fractions in [0, 1]) on the same `n_examples` examples.
-    `images_per_second` counts test images fully evaluated (clean plus every attack)."""
+    """Clean and per-attack accuracy (fractions in [0, 1]) on the same `n_examples` examples;
+    `clean_predicted` counts the clean predictions per class (a collapsed model puts nearly all
+    in one). `images_per_second` counts test images fully evaluated (clean plus every attack)."""
 
     n_examples: int
     clean_correct: int
@@ -93,6 +97,7 @@ class RobustnessReport:
     images_per_second: float
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
+    clean_predicted: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +107,7 @@ class RobustnessReport:
         values = dict(data)
         values["attacks"] = [AttackResult(**item) for item in data["attacks"]]
         values["warnings"] = list(data.get("warnings", []))
+        values["clean_predicted"] = list(data.get("clean_predicted", []))
         return cls(**values)
 
     @classmethod
@@ -135,6 +141,7 @@ class RobustnessReport:
             images_per_second=n / seconds if seconds > 0 else 0.0,
             seed=first.seed,
             warnings=list(dict.fromkeys(w for r in reports for w in r.warnings)),
+            clean_predicted=[sum(counts) for counts in zip(*(r.clean_predicted for r in reports))],
         )
 
 
@@ -201,8 +208,9 @@ def _parse_value(attack: str, key: str, text: str, default: Any) -> Any:
     number = _number(raw)
     integer = isinstance(default, int) and key not in _REAL_WITH_INT_DEFAULT
     if integer or default is None and raw.lstrip("+-").isdigit():
-        if number is None or number != int(number):
-            raise ConfigError(f"{where} must be a whole number, got {raw!r}")
+        high = MAX_SEED if key == "seed" else MAX_ATTACK_COUNT
+        if number is None or number != int(number) or not 0 <= number <= high:
+            raise ConfigError(f"{where} must be a whole number from 0 to {high}, got {raw!r}")
         return int(number)
     if isinstance(default, (int, float)) or default is None and number is not None:
         if number is None:
@@ -512,15 +520,8 @@ def evaluate_robustness(
         return RobustnessReport(
             n_examples=n, clean_correct=clean, clean_acc=clean / n, attacks=list(results), eps_space=eps_space,
             device=str(dev), seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, seed=seed,
-            warnings=list(warnings),
+            warnings=list(warnings), clean_predicted=predicted.tolist(),
         )
-
-    def pass_progress(number: int, label: str) -> ProgressCallback | None:
-        if progress is None:
-            return None
-        return lambda p: progress(Progress(
-            "evaluate", number * n + p.done, passes * n, f"{label}: {p.message}".rstrip(": "), p.metrics,
-        ))
 
     with evaluation_mode(model, dev), _rng_scope():
         net, to_space, box = _attack_space(model, norm, eps_space, image.shape, dev)
@@ -529,17 +530,21 @@ def evaluate_robustness(
         for spec, (cls, params) in zip(specs, resolved):
             params = _complete(spec, params, seed, n_classes)
             runs.append((spec, cls, params, _build_attack(cls, params, net, box)))
+        predicted = torch.zeros(n_classes, dtype=torch.long)
         hook = net.register_forward_pre_hook(lambda *_: check_cancel(cancel))
         try:
             def clean_score(images: torch.Tensor, targets: torch.Tensor, index: int) -> dict[str, int]:
                 x = to_space(images)
+                with torch.no_grad():
+                    guess = net(x).argmax(dim=1)
+                predicted.add_(torch.bincount(guess.cpu(), minlength=n_classes))
                 if index == 0:
                     warnings.extend(_first_batch_warnings(net, x, targets, runs, box, seed))
-                return {"clean": count_correct(net, x, targets)}
+                return {"clean": int((guess == targets).sum())}
 
             common = {"batch_size": batch_size, "device": dev, "max_examples": max_examples, "stage": "evaluate",
                       "cancel": cancel}
-            clean = run_batches(dataset, clean_score, progress=pass_progress(0, "clean"), **common).correct["clean"]
+            clean = run_batches(dataset, clean_score, progress=part_progress(progress, 0, passes, "clean"), **common).correct["clean"]
             if on_report is not None:
                 on_report(report_now(clean))
             for number, (spec, cls, params, attack) in enumerate(runs):
@@ -549,7 +554,7 @@ def evaluate_robustness(
                     torch.manual_seed(derive_seed(seed, number, index))
                     return {label: count_correct(net, attack(to_space(images), targets), targets)}
 
-                totals = run_batches(dataset, attack_score, progress=pass_progress(number + 1, spec.label), **common)
+                totals = run_batches(dataset, attack_score, progress=part_progress(progress, number + 1, passes, spec.label), **common)
                 correct = totals.correct[spec.label]
                 results.append(AttackResult(spec.label, cls.__name__, params, correct / n, correct, n))
                 if on_report is not None:

@@ -34,7 +34,8 @@ def make_config(checkpoint: Path | None, **extra: Any) -> RunConfig:
     overrides = {
         "run.device": "cpu", "finetune.device": "cpu", "data.image_size": IMAGE_SIZE,
         "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
-        "finetune.batch_size": 128, "deploy.form": "grouped", **extra,
+        "finetune.batch_size": 128, "deploy.form": "grouped", "data.spec": "digits",
+        "prune.recalibrate_images": 256, **extra,
     }
     if checkpoint is not None:
         overrides["model.checkpoint"] = str(checkpoint)

@@ -43,7 +43,6 @@ from workbench.screens.overview import OverviewScreen
 from workbench.screens.prune import PruneScreen
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -218,7 +217,14 @@ async def test_main_flow(checkpoint: Path) -> None:
         assert plan is not None and plan.method == "sr-gkp" and len(plan.layers) == 18
         metrics = app.screen.query_one("#prune-metrics", DataTable)
         assert metrics.get_row_at(1)[0] == "MACs" and metrics.get_row_at(1)[3].startswith("-")
-        assert "✓" in str(app.screen.query_one("#prune-checks", Static).render())
+        labels = [str(metrics.get_row_at(i)[0]) for i in range(metrics.row_count)]
+        assert labels[3:] == ["val acc, raw (n=180)", "val acc, BN recalibrated"]
+        checks = str(app.screen.query_one("#prune-checks", Static).render())
+        assert "✓" in checks and "interleaved rounds" in checks
+        outcome = app.session.outcome
+        assert outcome is not None and outcome.accuracy is not None and outcome.recalibration is not None
+        # The untrained test model guesses; every warning about it is on the screen.
+        assert outcome.warnings and all(w in checks.replace("\n", "") for w in outcome.warnings)
 
         await pilot.press("o")
         app.open_layer("layer2.0.conv2")
@@ -245,6 +251,8 @@ async def test_main_flow(checkpoint: Path) -> None:
 
         await pilot.press("escape", "escape", "j")
         assert isinstance(app.screen, JobsScreen)
+        notes = str(app.screen.query_one("#job-notes", Static).render())
+        assert notes.startswith("pruned model, validation accuracy (n=180): unpruned ") and "⚠" in notes
         await pilot.press("f", "ctrl+g")
         await settle(app, pilot)
         job = app.latest_job("finetune")
@@ -312,6 +320,22 @@ async def test_jobs_evaluate_and_finetune(checkpoint: Path) -> None:
         assert loss[0] and loss[0][-1] == pytest.approx(1.0)
         accuracy = app.screen.query_one("#acc-plot", CurvePlot).series
         assert accuracy["val benign"][0] == [1.0]
+
+
+async def test_without_data_pruning_works_and_data_jobs_say_what_is_missing(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint, **{"data.spec": ""}))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        assert dict(app.summary_lines())["Data"].startswith("none set")
+        await pilot.press("p", "ctrl+r")
+        await settle(app, pilot)
+        outcome = app.session.outcome
+        assert outcome is not None and outcome.accuracy is None
+        assert "pass --data" in str(app.screen.query_one("#prune-checks", Static).render())
+        await pilot.press("j", "e")
+        await settle(app, pilot)
+        assert app.latest_job("evaluate") is None  # refused before it starts, saying where to set data
+        assert any("needs data (none is set); set it in the data field" in n.message for n in app._notifications)
 
 
 async def test_bad_input_is_a_notification_not_a_crash(tmp_path: Path, checkpoint: Path) -> None:
@@ -415,12 +439,10 @@ async def test_palette_and_help_cover_every_action(checkpoint: Path) -> None:
         assert isinstance(app.screen, OverviewScreen)  # the overview itself, not the inspector above it
 
 
-async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path) -> None:
-    """A CIFAR model opened without data is not evaluated on digits: the digits are refused in
+async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path, shared_cifar: str) -> None:
+    """A CIFAR model opened with digits is not evaluated on them: the digits are refused in
     words; the data field loads the CIFAR folder; evaluation then asks for the normalisation."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    app = WorkbenchApp(make_config(shared_checkpoint))
+    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": "digits"}))
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         assert app.session.open_error is None
@@ -434,13 +456,13 @@ async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_che
         assert any("needs data" in n.message for n in app._notifications)
 
         data = app.screen.query_one("#jobs-data .data-spec", Input)
-        data.value = f"cifar10:{SHARED_DATA}"
+        data.value = shared_cifar
         data.focus()
         await pilot.press("enter")
         await settle(app, pilot)
         ws = app.session.workspace
         assert ws is not None and ws.data is not None and ws.data.in_channels == 3 and ws.data.num_classes == 10
-        assert app.config.data.spec == f"cifar10:{SHARED_DATA}"
+        assert app.config.data.spec == shared_cifar
         app.screen.query_one("#job-evaluate").focus()
         await pilot.press("e")
         assert isinstance(app.screen, NormalizationScreen)

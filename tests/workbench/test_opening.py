@@ -24,9 +24,9 @@ async def test_layers_are_listed_before_the_model_opens(checkpoint: Path, monkey
     release = threading.Event()
     real = tasks.open_workspace
 
-    def slow_open(config: Any) -> Any:
+    def slow_open(config: Any, **options: Any) -> Any:
         release.wait(30)
-        return real(config)
+        return real(config, **options)
 
     monkeypatch.setattr(tasks, "open_workspace", slow_open)
     app = WorkbenchApp(make_config(checkpoint))

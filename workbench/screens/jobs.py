@@ -25,6 +25,7 @@ from textual.widgets import (
     Label,
     ProgressBar,
     Select,
+    Static,
     TabbedContent,
     TabPane,
 )
@@ -41,7 +42,7 @@ from ..session import COMPLETE
 
 if TYPE_CHECKING:
     from engine.config import RunConfig
-    from engine.pipeline import Evaluation
+    from engine.pipeline import Evaluation, PruneOutcome
     from engine.training.finetune import EpochRecord
 
     from ..app import WorkbenchApp
@@ -100,6 +101,22 @@ def model_header(label: str, status: str | None) -> str:
     return label if status in (None, COMPLETE) else f"{label} ({status})"
 
 
+def result_notes(outcome: "PruneOutcome | None", evaluations: dict[str, "Evaluation"]) -> Text:
+    """The pruned model's validation accuracy before and after BatchNorm recalibration, then every
+    warning about the numbers shown (collapsed models, skipped steps, failed attack checks)."""
+    text = Text()
+    accuracy = None if outcome is None else outcome.accuracy
+    if accuracy is not None:
+        recalibrated = "" if accuracy.recalibrated is None else f", BN-recalibrated {accuracy.recalibrated:.1%}"
+        text.append(f"pruned model, validation accuracy (n={accuracy.n}): unpruned {accuracy.before:.1%}, "
+                    f"raw {accuracy.raw:.1%}{recalibrated}")
+    warnings = [] if outcome is None else list(outcome.warnings)
+    warnings += [w for evaluation in evaluations.values() for w in evaluation.warnings]
+    for warning in dict.fromkeys(warnings):
+        text.append(("\n" if text else "") + f"⚠ {warning}", style="bold yellow")
+    return text
+
+
 class JobsScreen(Screen[None]):
     """Fine-tune and evaluate controls, the job list and the result plots."""
 
@@ -146,6 +163,7 @@ class JobsScreen(Screen[None]):
         table.add_columns("#", "job", "status", "progress", "time", "detail")
         yield table
         yield ProgressBar(id="job-progress", show_eta=False)
+        yield Static(id="job-notes")
         with TabbedContent(id="job-tabs"):
             with TabPane("Training (t)", id="tab-training"):
                 with Horizontal(classes="plots"):
@@ -270,6 +288,9 @@ class JobsScreen(Screen[None]):
     def refresh_results(self, _revision: int = 0) -> None:
         session = self.app.session
         evaluations = session.evaluations
+        notes = result_notes(session.outcome, dict(evaluations))
+        self.query_one("#job-notes", Static).update(notes)
+        self.query_one("#job-notes", Static).display = bool(notes)
         categories, models = accuracy_rows(dict(evaluations))
         waiting = [label for label, status in session.evaluation_status.items() if label not in evaluations]
         table = self.query_one("#attack-table", DataTable)
