@@ -211,7 +211,8 @@ async def finetune_stall(checkpoint: str, seconds: float) -> dict[str, float]:
     from workbench.app import WorkbenchApp, build_config
     from workbench.screens.jobs import JobsScreen
 
-    overrides: dict[str, Any] = {"run.device": "cpu", "finetune.device": "cpu", "finetune.epochs": 100}
+    overrides: dict[str, Any] = {"run.device": "cpu", "finetune.device": "cpu", "finetune.epochs": 100,
+                                 "data.spec": "digits"}
     if checkpoint:
         overrides["model.checkpoint"] = checkpoint
     app = WorkbenchApp(build_config(None, overrides))

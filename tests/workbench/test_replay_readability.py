@@ -4,8 +4,11 @@ step by step, ties naming their rule, and group masks that line up."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pilot_support import make_config, settle
+from textual.widgets import DataTable
 from torch import nn
 
 from engine.gkp.planner import plan_pruning
@@ -20,7 +23,10 @@ from engine.gkp.traces import (
     TraceEvent,
 )
 from widgets.group_strip import group_strip_text
+from widgets.stepper import StepperView
+from workbench.app import WorkbenchApp
 from workbench.replay import RANK_LEGEND, LayerReplay, greedy_winner
+from workbench.screens.decisions import DecisionScreen
 
 
 def model() -> nn.Module:
@@ -101,3 +107,31 @@ def test_group_masks_line_up() -> None:
     lines = group_strip_text([[0, 10, 11], [2]], [[0, 1], [3]], in_channels=4).plain.splitlines()
     assert lines[0].index("keeps") == lines[1].index("keeps")
     assert lines[0].index("██··") == lines[1].index("···█")
+
+
+async def test_a_beam_cut_fits_80x24_by_scrolling(checkpoint: Path) -> None:
+    """At 80×24 only 12 of 16 candidates fitted and the last column was hidden: every candidate is
+    a row of the table, every column fits the width, and what is taller than the screen scrolls."""
+    app = WorkbenchApp(make_config(checkpoint))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p", "ctrl+r")
+        await settle(app, pilot)
+        app.action_overview()
+        app.open_decisions("layer2.0.conv2")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, DecisionScreen)
+        cuts = [i for i, step in enumerate(screen.replay.steps) if isinstance(step.event, BeamCut)]
+        position = max(cuts, key=lambda i: len(screen.replay.steps[i].event.candidates))  # type: ignore[union-attr]
+        screen.go(position)
+        await pilot.pause()
+        event = screen.replay.steps[position].event
+        assert isinstance(event, BeamCut) and len(event.candidates) >= 12
+        view = screen.query_one(StepperView)
+        table = view.query_one("#stepper-table", DataTable)
+        assert table.row_count == len(event.candidates)
+        assert table.virtual_size.width <= view.body.scrollable_content_region.width
+        assert view.body.max_scroll_y > 0
+        await pilot.press("pagedown", "pagedown", "pagedown")
+        assert view.body.scroll_y == view.body.max_scroll_y  # the keys reach the last row
