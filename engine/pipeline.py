@@ -456,6 +456,8 @@ def prune(
             elif recalibration is not None and recalibration.note:
                 notes.append(recalibration.note)
         ws.ctx.check_cancel(cancel)
+    if ws.data is None:
+        phases.skip("recalibrate", "no data: no accuracy measured, no BatchNorm recalibrated")
     with phases.run("rebuild"):
         batch = ws.example_batch().to(ws.device)
         size = config.deploy.latency_batch

@@ -15,6 +15,7 @@ from engine.common.progress import (
     SKIPPED,
     Phases,
     Progress,
+    part_progress,
     phases_fraction,
 )
 
@@ -45,3 +46,18 @@ def test_phases_fraction_counts_done_and_skipped_whole() -> None:
 
     states = (PhaseState("a", DONE), PhaseState("b", RUNNING, 0.5), PhaseState("c", SKIPPED), PhaseState("d", PENDING))
     assert phases_fraction(states) == pytest.approx(2.5 / 4)
+
+
+def test_parts_of_one_operation_share_its_progress_in_turn() -> None:
+    """The recalibrate phase measures, recalibrates and measures again: each part restarting at
+    0 % must not take the phase's bar back."""
+    seen: list[Progress] = []
+    for index, what in enumerate(("before", "recalibration", "after")):
+        part = part_progress(seen.append, index, 3, what)
+        assert part is not None
+        for done in range(5):
+            part(Progress("accuracy", done, 4, f"batch {done}"))
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert seen[5].message == "recalibration: batch 0" and seen[5].stage == "accuracy"
+    assert part_progress(None, 0, 3) is None
