@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -18,14 +17,14 @@ from torch import nn
 from .common.distributed import DistContext
 from .common.errors import Cancelled, ConfigError, DataError, SnapshotError
 from .common.memory import release_free_memory
-from .common.progress import ProgressCallback
+from .common.progress import Phases, ProgressCallback, part_progress
 from .config import RunConfig
-from .data.datasets import DEFAULT_IMAGE_SIZE, SPEC_HELP, DataBundle, load_data
+from .data.datasets import DEFAULT_IMAGE_SIZE, DataBundle, load_data
+from .data.spec import SPEC_HELP, parse_data_spec
 from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .formats.snapshots import SnapshotSource, open_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
-from .gkp.planner import plan_pruning
 from .gkp.reconstruct import (
     apply_plan,
     dense_equivalent,
@@ -37,7 +36,11 @@ from .gkp.traces import TraceEvent
 from .models.batchnorm import Recalibration, copy_batchnorm_statistics, recalibrate_batchnorm
 from .models.latency import RoundTimes, interleaved_latency, latency_verdict
 from .models.metrics import ModelCost, count_cost
-from .models.normalization import Normalization, parse_normalization
+from .models.normalization import (
+    UNKNOWN_NORMALIZATION,
+    Normalization,
+    parse_normalization,
+)
 from .models.normalize_layer import Normalize
 from .robustness.attacks import RobustnessReport, evaluate_robustness, parse_attack
 from .robustness.collapse import collapse_warnings
@@ -120,8 +123,11 @@ class Workspace:
         return Normalize(self.normalization)(images)
 
 
-def open_workspace(config: RunConfig) -> Workspace:
-    """Load the configured checkpoint, its normalisation and the dataset."""
+def open_workspace(config: RunConfig, *, load: bool = True) -> Workspace:
+    """Load the configured checkpoint, its normalisation and the dataset (none when `data.spec`
+    is empty, unless the checkpoint is the workbench's and records the data it was made with).
+    With `load` False the data is only chosen (`config.data.spec`), not loaded, so a front end
+    can show the model first and load the data after (`load_fitting_data`, `with_data`)."""
     config.validate()
     if not config.model.checkpoint:
         raise ConfigError("no checkpoint to open: set model.checkpoint")
@@ -139,7 +145,7 @@ def open_workspace(config: RunConfig) -> Workspace:
         # A checkpoint the workbench wrote names the data it was made with, as it stores the
         # normalisation: the resolved config (and so config.toml) says which data was used.
         config.data.spec, data_source = recorded, "recorded in the checkpoint"
-    if config.data.spec:
+    if config.data.spec and load:
         try:
             data = load_data(
                 config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
@@ -150,7 +156,7 @@ def open_workspace(config: RunConfig) -> Workspace:
                 raise
             raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
         check_fit(checkpoint, data, config.data.spec)
-    elif needing:
+    elif needing and load:
         stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
         raise ConfigError(
             f"{stages} data and none is set: pass --data ({SPEC_HELP}); "
@@ -162,16 +168,19 @@ def open_workspace(config: RunConfig) -> Workspace:
         norm, source = checkpoint.normalization, "stored in the checkpoint"
     elif needing:
         raise ConfigError(
-            f"{path.name} does not record its input normalisation; pass --normalize "
+            f"{checkpoint.path.name} does not record its input normalisation; pass --normalize "
             "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
         )
     elif data is not None:
-        norm, source = data.normalization, "unknown: the dataset's own statistics are used"
+        norm, source = data.normalization, GUESSED_FROM_DATA
     else:
-        norm, source = parse_normalization("none"), "unknown: none applied (no data to estimate it from)"
+        norm, source = parse_normalization("none"), f"{UNKNOWN_NORMALIZATION}: none applied (no data to estimate it from)"
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
     return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx, data_source)
+
+
+GUESSED_FROM_DATA = f"{UNKNOWN_NORMALIZATION}: the dataset's own statistics are used"
 
 
 def model_channels(checkpoint: LoadedCheckpoint) -> int:
@@ -179,22 +188,66 @@ def model_channels(checkpoint: LoadedCheckpoint) -> int:
     return int(checkpoint.arch.params.get("in_channels", 3))
 
 
+def with_data(ws: Workspace, data: DataBundle | None, source: str | None = None) -> Workspace:
+    """`ws` using `data` (loaded after opening, `source` saying where its spec came from when not
+    where the workspace's did); a normalisation the checkpoint does not record is then the data's
+    own statistics (and marked as a guess)."""
+    changes: dict[str, Any] = {"data": data, "data_source": source or ws.data_source}
+    if data is not None and ws.normalization_source.startswith(UNKNOWN_NORMALIZATION):
+        changes.update(normalization=data.normalization.for_channels(ws.in_channels),
+                       normalization_source=GUESSED_FROM_DATA)
+    new = replace(ws, **changes)
+    if "cost" in ws.__dict__ and new.input_shape == ws.input_shape:
+        # Counted already: counting again would switch the shared model's mode while jobs read it.
+        new.__dict__["cost"] = ws.cost
+    return new
+
+
 def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None:
     """Refuse data the model cannot have been trained on: a different class count, or images
     stored with a different number of channels (a grey dataset for an RGB model, or the reverse)."""
-    params = checkpoint.arch.params
-    classes = params.get("num_classes")
-    if classes is not None and int(classes) != data.num_classes:
+    _refuse_misfit(checkpoint, spec, data.source_channels, data.num_classes)
+
+
+def check_spec_fit(checkpoint: LoadedCheckpoint, spec: str) -> None:
+    """`check_fit` decided from the spec alone, where the dataset fixes channels and classes, so
+    a front end refuses before loading anything."""
+    parsed = parse_data_spec(spec)
+    _refuse_misfit(checkpoint, spec, parsed.native_channels, parsed.classes)
+
+
+def _refuse_misfit(checkpoint: LoadedCheckpoint, spec: str, stored: int | None, classes: int | None) -> None:
+    outputs = checkpoint.arch.params.get("num_classes")
+    if outputs is not None and classes is not None and int(outputs) != classes:
         raise ConfigError(
-            f"the model has {classes} outputs but {spec} has {data.num_classes} classes: "
-            "pass the data the model was trained on with --data"
+            f"the model has {outputs} outputs but {spec} has {classes} classes: "
+            "use the data the model was trained on (--data, or the data field)"
         )
     channels = model_channels(checkpoint)
-    if data.source_channels is not None and data.source_channels != channels:
+    if stored is not None and stored != channels:
         raise ConfigError(
-            f"{spec} images have {data.source_channels} channel{'s' if data.source_channels != 1 else ''} "
-            f"but the model takes {channels}: pass the data the model was trained on with --data"
+            f"{spec} images have {stored} channel{'s' if stored != 1 else ''} "
+            f"but the model takes {channels}: use the data the model was trained on (--data, or the data field)"
         )
+
+
+def load_fitting_data(ws: Workspace, spec: str) -> DataBundle:
+    """The dataset of `spec` for this model, refused as `check_fit` says (from the spec first,
+    so a refusal costs no loading)."""
+    check_spec_fit(ws.checkpoint, spec)
+    config = ws.config
+    data = load_data(spec, channels=ws.in_channels, image_size=config.data.image_size or None,
+                     seed=config.run.seed, val_fraction=config.data.val_fraction)
+    check_fit(ws.checkpoint, data, spec)
+    return data
+
+
+def data_notes(spec: str, data: DataBundle) -> list[str]:
+    """What loading did to the stored images (scaling), said in words."""
+    size = parse_data_spec(spec).native_size
+    if size is not None and size != data.image_size:
+        return [f"{size}×{size} images scaled to {data.image_size}×{data.image_size}"]
+    return []
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -289,13 +342,6 @@ class PruneOutcome:
         return [*self.notes, *([] if self.accuracy is None else self.accuracy.warnings)]
 
 
-def _stage_progress(progress: ProgressCallback | None, stage: str, what: str) -> ProgressCallback | None:
-    """`progress` with its reports relabelled as `stage` and their message prefixed by `what`."""
-    if progress is None:
-        return None
-    return lambda p: progress(replace(p, stage=stage, message=f"{what}: {p.message}".rstrip(": ")))
-
-
 def validation_accuracy(
     ws: Workspace, model: nn.Module, what: str, *,
     progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
@@ -305,7 +351,7 @@ def validation_accuracy(
     data = ws.require_data("measuring accuracy")
     return evaluate_robustness(
         model, ws.normalization, data.val, [], batch_size=ws.config.evaluate.batch_size,
-        device=str(ws.device), seed=ws.config.run.seed, progress=_stage_progress(progress, "accuracy", what),
+        device=str(ws.device), seed=ws.config.run.seed, progress=part_progress(progress, 0, 1, what),
         cancel=cancel,
     )
 
@@ -321,18 +367,22 @@ def recalibrate_and_check(
     classes = data.classes
     labels = {"before": "unpruned model", "raw": "pruned model before BatchNorm recalibration",
               "recalibrated": "pruned model after BatchNorm recalibration"}
-    reports = {"before": validation_accuracy(ws, original, labels["before"], progress=progress, cancel=cancel),
-               "raw": validation_accuracy(ws, masked, labels["raw"], progress=progress, cancel=cancel)}
     images = ws.config.prune.recalibrate_images
+    parts = 4 if images else 2  # the measures and the recalibration share the progress in turn
+    reports = {"before": validation_accuracy(ws, original, labels["before"], progress=part_progress(progress, 0, parts),
+                                             cancel=cancel),
+               "raw": validation_accuracy(ws, masked, labels["raw"], progress=part_progress(progress, 1, parts),
+                                          cancel=cancel)}
     recalibration = None
     if images:
         recalibration = recalibrate_batchnorm(
             masked, data.train, ws.normalization, n_images=images, batch_size=ws.config.evaluate.batch_size,
-            seed=ws.config.run.seed, device=ws.device, progress=progress, cancel=cancel,
+            seed=ws.config.run.seed, device=ws.device, progress=part_progress(progress, 2, parts, "recalibration"),
+            cancel=cancel,
         )
         if recalibration.layers:
-            reports["recalibrated"] = validation_accuracy(ws, masked, labels["recalibrated"], progress=progress,
-                                                          cancel=cancel)
+            reports["recalibrated"] = validation_accuracy(ws, masked, labels["recalibrated"],
+                                                          progress=part_progress(progress, 3, parts), cancel=cancel)
     before = reports["before"].clean_acc
     warnings = [
         warning for key, r in reports.items()
@@ -345,6 +395,12 @@ def recalibrate_and_check(
     return check, recalibration
 
 
+# The phases of a prune in the order they run (the report's `prune.step_seconds` keys):
+# recalibrate also measures validation accuracy before and after (none of it without data),
+# rebuild makes the grouped and deployed forms, check is their equivalence to the masked model.
+PRUNE_PHASES: tuple[str, ...] = ("plan", "recalibrate", "rebuild", "check", "latency")
+
+
 def prune(
     ws: Workspace,
     *,
@@ -355,71 +411,79 @@ def prune(
     """Plan the pruning with the configured method, recalibrate the pruned model's BatchNorm
     statistics (measuring validation accuracy before and after), rebuild it in grouped and
     deployed form, check both against the masked dense model on a real test batch, and time
-    the deployed model against the original in interleaved rounds. Under torchrun rank 0 plans
-    and the others receive its plan. `ws.model` is read, never moved or changed, so other jobs
-    may use it meanwhile."""
+    the deployed model against the original in interleaved rounds. Progress names each of
+    `PRUNE_PHASES` with its own fraction and time (`Phases`); `step_seconds` are those times.
+    Under torchrun rank 0 plans and the others receive its plan. `ws.model` is read, never moved
+    or changed, so other jobs may use it meanwhile."""
+    from .gkp.planner import (
+        plan_pruning,  # deferred: it loads scipy (~1 s), which opening a model does not need
+    )
+
     config = ws.config
     check_prunable(ws)
-    start = time.perf_counter()
+    phases = Phases(PRUNE_PHASES, progress)
     plan: PrunePlan | None = None
     snapshots: SnapshotSource | None = None  # rank 0 alone opens them, and alone writes the report that names them
-    if ws.ctx.is_main:
-        snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
-        try:
-            plan = plan_pruning(
-                ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
-                on_event=on_event, progress=progress, cancel=cancel,
-            )
-        except Cancelled:
-            pass  # the others learn it from the broadcast: no plan
-    plan = ws.ctx.broadcast_object(plan)
-    if plan is None:
-        raise Cancelled("pruning cancelled")
-    steps = {"plan": time.perf_counter() - start}
-    release_free_memory()  # the search's temporaries, before the model copies below
-    ws.ctx.check_cancel(cancel)
-    mark = time.perf_counter()
-    original = copy.deepcopy(ws.model).to(ws.device).eval()
-    # `original` is this call's own copy, so the reference may share its unpruned tensors.
-    masked = masked_dense(original, plan, share_unplanned=True)
+    with phases.run("plan") as report:
+        if ws.ctx.is_main:
+            snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
+            try:
+                plan = plan_pruning(
+                    ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
+                    on_event=on_event, progress=report, cancel=cancel,
+                )
+            except Cancelled:
+                pass  # the others learn it from the broadcast: no plan
+        plan = ws.ctx.broadcast_object(plan)
+        if plan is None:
+            raise Cancelled("pruning cancelled")
+        release_free_memory()  # the search's temporaries, before the model copies below
+        ws.ctx.check_cancel(cancel)
     notes: list[str] = []
     accuracy = recalibration = None
+    with phases.run("recalibrate") as report:
+        original = copy.deepcopy(ws.model).to(ws.device).eval()
+        # `original` is this call's own copy, so the reference may share its unpruned tensors.
+        masked = masked_dense(original, plan, share_unplanned=True)
+        if ws.data is None:
+            notes.append(NO_DATA)
+        else:
+            # Under torchrun a cancel is acted on only where the ranks agree on it (check_cancel below).
+            local_cancel = None if ws.ctx.distributed else cancel
+            accuracy, recalibration = recalibrate_and_check(ws, original, masked, progress=report, cancel=local_cancel)
+            if not config.prune.recalibrate_images:
+                notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
+            elif recalibration is not None and recalibration.note:
+                notes.append(recalibration.note)
+        ws.ctx.check_cancel(cancel)
     if ws.data is None:
-        notes.append(NO_DATA)
-    else:
-        # Under torchrun a cancel is acted on only where the ranks agree on it (check_cancel below).
-        local_cancel = None if ws.ctx.distributed else cancel
-        accuracy, recalibration = recalibrate_and_check(ws, original, masked, progress=progress, cancel=local_cancel)
-        if not config.prune.recalibrate_images:
-            notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
-        elif recalibration is not None and recalibration.note:
-            notes.append(recalibration.note)
-    steps["recalibrate"], mark = time.perf_counter() - mark, time.perf_counter()
-    ws.ctx.check_cancel(cancel)
-    batch = ws.example_batch().to(ws.device)
-    size = config.deploy.latency_batch
-    latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
-    grouped = apply_plan(original, plan, form="grouped")
-    deployed = (
-        grouped if config.deploy.form == "grouped"
-        else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
-    )
-    for model in (grouped, deployed):
-        copy_batchnorm_statistics(masked, model)
-    steps["rebuild"], mark = time.perf_counter() - mark, time.perf_counter()
-    ws.ctx.check_cancel(cancel)
-    error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
-    del masked
-    steps["check"], mark = time.perf_counter() - mark, time.perf_counter()
-    ws.ctx.check_cancel(cancel)
-    timing = interleaved_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
-    steps["latency"] = time.perf_counter() - mark
+        phases.skip("recalibrate", "no data: no accuracy measured, no BatchNorm recalibrated")
+    with phases.run("rebuild"):
+        batch = ws.example_batch().to(ws.device)
+        size = config.deploy.latency_batch
+        latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
+        grouped = apply_plan(original, plan, form="grouped")
+        deployed = (
+            grouped if config.deploy.form == "grouped"
+            else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
+        )
+        for model in (grouped, deployed):
+            copy_batchnorm_statistics(masked, model)
+        cost_after = count_cost(grouped, ws.input_shape)
+        ws.ctx.check_cancel(cancel)
+    with phases.run("check"):
+        error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
+        del masked
+        ws.ctx.check_cancel(cancel)
+    with phases.run("latency"):
+        timing = interleaved_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
+    steps = {name: state.seconds for name, state in phases.states.items()}
     return PruneOutcome(
         plan=plan,
         model=grouped,
         deployed=deployed,
         cost_before=ws.cost,
-        cost_after=count_cost(grouped, ws.input_shape),
+        cost_after=cost_after,
         equivalence_max_abs_err=error,
         equivalence_input=ws.example_source,
         seconds=steps["plan"],
@@ -485,6 +549,9 @@ class Evaluation:
         }
 
 
+EVALUATE_PHASES: tuple[str, ...] = ("attacks", "frequency", "corruption")
+
+
 def evaluate(
     ws: Workspace,
     model: nn.Module,
@@ -492,34 +559,49 @@ def evaluate(
     label: str = "model",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    on_result: Callable[[Evaluation], None] | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model; `label` names the model in warnings. Under torchrun the attacks
-    and probes are sharded over the processes."""
+    equivalent of a pruned model; `label` names the model in warnings. Progress names each of
+    `EVALUATE_PHASES` (`Phases`; a probe that is off is skipped); `on_result` receives the
+    evaluation so far after the clean pass, each attack and each probe. Under torchrun the
+    attacks and probes are sharded over the processes."""
     cfg = ws.config.evaluate
     data = ws.require_data("evaluation")
     model = dense_equivalent(model)
-    common = dict(
-        device=str(ws.device), batch_size=cfg.batch_size, progress=progress, cancel=cancel,
-    )
+    phases = Phases(EVALUATE_PHASES, progress)
+    common = dict(device=str(ws.device), batch_size=cfg.batch_size, cancel=cancel)
     limit = cfg.max_examples or None
-    robustness = evaluate_sharded(
-        model, ws.normalization, data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
-        max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
-    )
-    frequency = (
-        frequency_sharded(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
-                          max_examples=limit, **common)
-        if cfg.frequency else None
-    )
-    corruption = (
-        corruption_sharded(model, ws.normalization, data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
-                           max_examples=limit, **common)
-        if cfg.corruption else None
-    )
-    warnings = collapse_warnings(label, robustness.clean_acc, robustness.clean_predicted, data.classes)
-    warnings += [f"{label}: {w}" for w in robustness.warnings]
-    return Evaluation(robustness, frequency, corruption, warnings)
+    frequency: FrequencyReport | None = None
+    corruption: CorruptionReport | None = None
+
+    def so_far(robustness: RobustnessReport) -> Evaluation:
+        warnings = collapse_warnings(label, robustness.clean_acc, robustness.clean_predicted, data.classes)
+        return Evaluation(robustness, frequency, corruption, warnings + [f"{label}: {w}" for w in robustness.warnings])
+
+    def deliver(robustness: RobustnessReport) -> None:
+        if on_result is not None:
+            on_result(so_far(robustness))
+
+    with phases.run("attacks") as report:
+        robustness = evaluate_sharded(
+            model, ws.normalization, data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
+            max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, progress=report,
+            on_report=deliver, **common,
+        )
+    for name, wanted in (("frequency", cfg.frequency), ("corruption", cfg.corruption)):
+        if not wanted:
+            phases.skip(name, "off")
+            continue
+        with phases.run(name) as report:
+            if name == "frequency":
+                frequency = frequency_sharded(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds),
+                                              ctx=ws.ctx, max_examples=limit, progress=report, **common)
+            else:
+                corruption = corruption_sharded(model, ws.normalization, data.test, severities=tuple(cfg.severities),
+                                                ctx=ws.ctx, max_examples=limit, progress=report, **common)
+        deliver(robustness)
+    return so_far(robustness)
 
 
 def needs_snapshots(config: RunConfig) -> bool:

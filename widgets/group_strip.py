@@ -20,22 +20,27 @@ def group_strip_text(
     highlight: int | None = None,
 ) -> Text:
     """Lines for every group; group `highlight` is marked with ▶; a group whose kept channels
-    are None (not decided yet) shows no channel map."""
+    are None (not decided yet) shows no channel map. The filter lists are padded to one width, so
+    the channel maps line up column by column."""
     text = Text(no_wrap=True)
     width = len(str(max(0, len(filter_groups) - 1)))
+    listings = []
+    for members in filter_groups:
+        listed = " ".join(str(i) for i in members[:MAX_LISTED_FILTERS])
+        more = f" +{len(members) - MAX_LISTED_FILTERS}" if len(members) > MAX_LISTED_FILTERS else ""
+        listings.append(f"filters {listed}{more}")
+    column = max(len(listing) for listing in listings) if listings else 0
     for g, members in enumerate(filter_groups):
         colour = group_hex(g)
         marker = "▶" if highlight == g else " "
         text.append(f"{marker}G{g:<{width}} ", style="bold" if marker == "▶" else "")
         text.append("■ ", style=colour)
-        listed = " ".join(str(i) for i in members[:MAX_LISTED_FILTERS])
-        more = f" +{len(members) - MAX_LISTED_FILTERS}" if len(members) > MAX_LISTED_FILTERS else ""
-        text.append(f"filters {listed}{more}")
+        text.append(f"{listings[g]:<{column}}")
         if kept_channels is not None and kept_channels[g] is None:
             text.append("  keeps ?")
         elif kept_channels is not None:
             kept = set(kept_channels[g])
-            text.append(f"  keeps {len(kept)}/{in_channels} ")
+            text.append(f"  keeps {len(kept):>{len(str(in_channels))}}/{in_channels} ")
             for c in range(in_channels):
                 text.append("█" if c in kept else "·", style=colour if c in kept else "grey42")
         text.append("\n")

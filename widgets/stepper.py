@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import HorizontalScroll, Vertical
+from textual.containers import HorizontalScroll, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from .bars import bar
@@ -67,14 +67,17 @@ def header_text(frame: Frame, playing: bool) -> Text:
 
 
 class StepperView(Vertical):
-    """Draws frames; the owner decides which frame (keys, play/pause) and calls `show`."""
+    """Draws frames; the owner decides which frame (keys, play/pause, scrolling) and calls
+    `show`. The header stays; the rest scrolls (`scroll_body`) when a frame is taller than the
+    screen, so no row is cut off."""
 
     DEFAULT_CSS = """
     StepperView { height: 1fr; }
     StepperView #stepper-header { height: 2; }
+    StepperView #stepper-body { height: 1fr; }
     StepperView #stepper-notes { height: auto; color: $text-muted; }
-    StepperView #stepper-table { height: auto; max-height: 60%; }
-    StepperView #stepper-groups-box { height: 1fr; min-height: 3; border-top: solid $primary-darken-2; }
+    StepperView #stepper-table { height: auto; }
+    StepperView #stepper-groups-box { height: auto; border-top: solid $primary-darken-2; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -84,12 +87,22 @@ class StepperView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(id="stepper-header")
-        yield Static(id="stepper-notes")
-        table: DataTable[Text] = DataTable(id="stepper-table", cursor_type="none", zebra_stripes=True)
-        table.can_focus = False  # the stepper's keys belong to its screen
-        yield table
-        with HorizontalScroll(id="stepper-groups-box"):
-            yield GroupStrip(id="stepper-groups")
+        # Nothing below takes focus: the stepper's keys (arrows included) belong to its screen.
+        with VerticalScroll(id="stepper-body", can_focus=False):
+            yield Static(id="stepper-notes")
+            table: DataTable[Text] = DataTable(id="stepper-table", cursor_type="none", zebra_stripes=True)
+            table.can_focus = False
+            yield table
+            with HorizontalScroll(id="stepper-groups-box", can_focus=False):
+                yield GroupStrip(id="stepper-groups")
+
+    @property
+    def body(self) -> VerticalScroll:
+        return self.query_one("#stepper-body", VerticalScroll)
+
+    def scroll_body(self, lines: int) -> None:
+        """Scroll what is below the header by `lines`."""
+        self.body.scroll_relative(y=lines, animate=False)
 
     def show(self, frame: Frame, playing: bool = False) -> None:
         self.frame = frame

@@ -1,5 +1,6 @@
 """Background jobs of the workbench: their record, the messages their worker threads post to
-the UI (the only way a worker talks to it), and a progress relay that throttles those posts."""
+the UI (the only way a worker talks to it), and a relay that throttles progress posts and hands
+over parts of a result early."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 
 from textual.message import Message
 
-from engine.common.progress import Progress
+from engine.common.progress import PhaseState, Progress, phases_fraction
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
-RELAY_INTERVAL = 0.1  # seconds between progress posts; epoch ends and stage ends always go through
+RELAY_INTERVAL = 0.1  # seconds between progress posts; epoch ends and stage starts and ends always go through
 
 
 @dataclass
@@ -40,7 +41,15 @@ class Job:
         return (self.finished or time.monotonic()) - self.started
 
     @property
+    def phases(self) -> tuple[PhaseState, ...]:
+        """The named phases of the job with their own progress and time, when it reports them."""
+        return () if self.progress is None else tuple(self.progress.metrics.get("phases", ()))
+
+    @property
     def fraction(self) -> float | None:
+        """How far the whole job is: over its phases when it has them, else its last report's."""
+        if self.phases:
+            return phases_fraction(self.phases)
         return None if self.progress is None else self.progress.fraction
 
 
@@ -62,6 +71,16 @@ class JobDone(Message):
         self.result = result
 
 
+class JobDelivered(Message):
+    """A worker hands over part of its result before it is done (the open model before its data,
+    one model's evaluation so far), so the UI shows it at once and keeps it if the job stops."""
+
+    def __init__(self, job_id: int, part: Any) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.part = part
+
+
 class JobFailed(Message):
     """A worker stopped early: `cancelled`, or with `error`, the one-line reason to show;
     `detail` holds the traceback of an unexpected exception, for the log."""
@@ -76,7 +95,8 @@ class JobFailed(Message):
 
 class ProgressRelay:
     """Progress callback for a worker thread: posts `JobProgressed` at most every
-    `interval` seconds, except reports carrying an epoch record or completing a stage."""
+    `interval` seconds, except reports carrying an epoch record or completing a stage (a phase
+    starting or ending included); `deliver` posts a part of the result at once."""
 
     def __init__(self, job_id: int, post: Callable[[Message], Any], interval: float = RELAY_INTERVAL) -> None:
         self.job_id = job_id
@@ -86,7 +106,12 @@ class ProgressRelay:
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
-        important = "record" in progress.metrics or (progress.total is not None and progress.done >= progress.total)
+        important = "record" in progress.metrics or progress.done == 0 or (
+            progress.total is not None and progress.done >= progress.total
+        )
         if important or now - self._last >= self.interval:
             self._last = now
             self.post(JobProgressed(self.job_id, progress))
+
+    def deliver(self, part: Any) -> None:
+        self.post(JobDelivered(self.job_id, part))

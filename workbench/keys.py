@@ -15,13 +15,17 @@ from .screens.overview import OverviewScreen
 from .screens.prune import PruneScreen
 
 APP_BINDINGS: list[Binding] = [
-    Binding("o", "switch_mode('overview')", "Overview"),
+    Binding("o", "overview", "Overview"),
     Binding("p", "switch_mode('prune')", "Prune"),
     Binding("j", "switch_mode('jobs')", "Jobs"),
     Binding("question_mark,f1", "help", "Help", key_display="?"),
+    Binding("ctrl+o", "open_checkpoint", "Open checkpoint", show=False),
     Binding("ctrl+g", "cancel_jobs", "Cancel jobs", show=False),
 ]
-BUILTIN: list[tuple[str, str]] = [("ctrl+p", "Command palette: every action by name"), ("ctrl+q", "Quit")]
+BUILTIN: list[tuple[str, str]] = [
+    ("ctrl+p", "Command palette: every action by name"),
+    ("ctrl+q", "Quit (asks first while jobs run, then cancels them)"),
+]
 _KEY_NAMES = {"question_mark": "?", "slash": "/", "space": "space", "escape": "esc"}
 
 

@@ -13,12 +13,13 @@ from sample_models import is_sample
 
 if TYPE_CHECKING:
     from engine.data.datasets import DataBundle
+    from engine.formats.listing import CheckpointIndex
     from engine.gkp.layers import ConvLayer
     from engine.gkp.plan import PrunePlan
     from engine.models.metrics import ModelCost
     from engine.pipeline import Workspace
 
-WILL_PRUNE, PRUNED, SKIPPED = "will prune", "pruned", "skipped"
+WILL_PRUNE, PRUNED, SKIPPED, OPENING = "will prune", "pruned", "skipped", "opening…"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,18 @@ def layer_rows(
     return rows
 
 
+def listed_rows(listing: "CheckpointIndex") -> list[LayerRow]:
+    """Rows for every conv weight of a checkpoint listed before torch has loaded: names, shapes and
+    parameters only (a pruned layer shows its dense input channels from the stored plan)."""
+    dense_in = {lp["name"]: lp["in_channels"] for lp in (listing.plan or {}).get("layers", [])
+                if isinstance(lp, dict) and "name" in lp and "in_channels" in lp}
+    return [
+        LayerRow(conv.name, conv.shape[0], int(dense_in.get(conv.name, conv.shape[1])), conv.shape[2:],
+                 conv.params, None, None, OPENING, None, None, None)
+        for conv in listing.convs()
+    ]
+
+
 def human_count(value: float) -> str:
     """1234567 → "1.23 M"; small numbers as they are."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -100,9 +113,9 @@ def human_count(value: float) -> str:
     return f"{value:g}"
 
 
-def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> list[tuple[str, str]]:
-    """Label/value lines of the model overview."""
-    data = ws.data
+def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow], data_note: str = "") -> list[tuple[str, str]]:
+    """Label/value lines of the model overview; `data_note` says why there is no data, or what
+    loading it did to the images."""
     checkpoint = ws.checkpoint
     shape = "×".join(str(d) for d in ws.input_shape[1:])
     counts = {status: sum(r.status == status for r in rows) for status in (WILL_PRUNE, PRUNED, SKIPPED)}
@@ -114,15 +127,16 @@ def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> lis
         ("File", f"{checkpoint.path.name} ({source}{pruned}) on {ws.device}"),
         ("Cost", f"{human_count(info.cost.params)} params · {human_count(info.cost.macs)} MACs at {shape} · "
                  f"{len(rows)} convs: {layers}"),
-        ("Data", _data_line(data)),
+        ("Data", data_line(ws.data, data_note)),
         ("Norm", f"{ws.normalization.describe()} — {ws.normalization_source}"),
     ]
 
 
-def _data_line(data: "DataBundle | None") -> str:
-    """The dataset and its splits, or what having none means."""
+def data_line(data: "DataBundle | None", note: str = "") -> str:
+    """The dataset in one line, or why there is none."""
     if data is None:
-        return "none set: pruning works, accuracy, recalibration, fine-tuning and evaluation need --data"
+        return note or "loading …"
     sizes = "/".join(str(len(s)) for s in (data.train, data.val, data.test))  # type: ignore[arg-type]
-    return (f"{data.name}: {data.num_classes} classes, {data.image_size}×{data.image_size}×{data.in_channels}, "
+    scaled = f" ({note})" if note else ""
+    return (f"{data.name}: {data.num_classes} classes, {data.image_size}×{data.image_size}×{data.in_channels}{scaled}, "
             f"{sizes} train/val/test")

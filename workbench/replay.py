@@ -1,6 +1,8 @@
 """Replay of one layer's decision trace (engine.gkp.traces) as a sequence of steps a person can walk
 through: each step is one decision (a snaking deal, a clustering, a ticket's vote, a beam cut,
-a restart table, a final choice) rendered as a plain `Frame` for the stepper widget."""
+a greedy addition, a restart table, a final choice) rendered as a plain `Frame` for the stepper
+widget. Sets are shown sorted with the new member marked, identical sets are flagged, ranks have
+a legend and every tie names the rule that broke it."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ Described = tuple[str, str, tuple[str, ...], StepTable | None, Groups | None, in
 SNAKE_WINDOW = 6  # ranks shown either side of the one being dealt
 TOP_ROWS = 12  # rows of a restart or ranking table before "… more"
 MEMBERS_SHOWN = 10
+RANK_LEGEND = "R(·) = rank among candidates, 0 = best (highest cost, smoothest); equal values share a rank"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,41 @@ def _members(members: Sequence[int]) -> str:
 
 def _sorted_groups(groups: Iterable[Iterable[int]]) -> Groups:
     return tuple(tuple(sorted(g)) for g in groups)
+
+
+def _marked(members: Iterable[int], new: int) -> str:
+    """Members sorted, the one just added marked `+`; a long set shows the MEMBERS_SHOWN around
+    the new one."""
+    ordered = sorted(members)
+    at = ordered.index(new) if new in ordered else 0
+    low = min(max(0, at - MEMBERS_SHOWN // 2), max(0, len(ordered) - MEMBERS_SHOWN))
+    shown = ordered[low: low + MEMBERS_SHOWN]
+    text = " ".join(f"+{m}" if m == new else str(m) for m in shown)
+    before, after = low, len(ordered) - low - len(shown)
+    return (f"({before} more)… " if before else "") + text + (f" …({after} more)" if after else "")
+
+
+def same_set_notes(sets: Sequence[Iterable[int]]) -> list[str]:
+    """Per set, "= #k" when an earlier one (numbered from 0) holds the same members, perhaps added
+    in another order, else ""."""
+    first: dict[frozenset[int], int] = {}
+    notes = []
+    for i, members in enumerate(sets):
+        key = frozenset(members)
+        notes.append(f"= #{first[key]}" if key in first else "")
+        first.setdefault(key, i)
+    return notes
+
+
+def tie_note(names: Sequence[str], values: Sequence[float], best: float, rule: str) -> str | None:
+    """"tie at V between a and b: <rule>" when more than one name has the best value."""
+    tied = [n for n, v in zip(names, values) if v == best]
+    return f"tie at {_fmt(best)} between {', '.join(tied)}: {rule}" if len(tied) > 1 else None
+
+
+def greedy_winner(e: StartResults) -> int:
+    """Index of the start whose set wins: the highest score, the lowest start on ties."""
+    return min(range(len(e.starts)), key=lambda i: (-e.scores[i], i))
 
 
 class LayerReplay:
@@ -83,6 +121,11 @@ class LayerReplay:
                     self.steps.append(Step(event, rank, False, groups, kept))
                 groups = _sorted_groups(dealt)
                 self.steps.append(Step(event, last, True, groups, kept))
+                continue
+            if isinstance(event, StartResults) and event.selection == "greedy" and event.starts:
+                for addition in range(len(event.members[greedy_winner(event)])):
+                    self.steps.append(Step(event, addition, False, groups, kept))
+                self.steps.append(Step(event, len(event.members[greedy_winner(event)]), True, groups, kept))
                 continue
             if isinstance(event, RandomGrouping):
                 groups = _sorted_groups(event.filter_groups)
@@ -168,6 +211,8 @@ class LayerReplay:
             return self._cut(e, step.groups)
         if isinstance(e, BeamFinal):
             return self._beam_final(e, step.groups)
+        if isinstance(e, StartResults) and e.selection == "greedy" and step.sub < len(e.members[greedy_winner(e)]):
+            return self._greedy_addition(e, step.sub, step.groups)
         if isinstance(e, StartResults):
             return self._restarts(e, step.groups)
         if isinstance(e, RankedSelection):
@@ -212,9 +257,11 @@ class LayerReplay:
             for i, scheme in enumerate(e.schemes)
         )
         marks = tuple("win" if s == e.winner else "" for s in e.schemes)
+        tie = tie_note(e.schemes, e.score, min(e.score), f"the earlier scheme, {e.winner}, wins")
         return (
             "TMI ticket", f"Ticket epoch {e.epoch} votes for {e.winner}",
-            ("score = R(mean) + α·R(var) over the sorted group-score gaps; lowest wins",),
+            ("score = R(mean) + α·R(var) over the sorted group-score gaps; lowest wins",
+             "R(·) = rank among the schemes, 0 = smallest", *([tie] if tie else [])),
             StepTable(("scheme", "gaps", "mean", "var", "R(mean)", "R(var)", "score"), rows, marks),
             self._clusterings.get(e.winner), None,
         )
@@ -223,53 +270,99 @@ class LayerReplay:
         rows = tuple((s, str(e.tally[i]), str(e.longest_run[i])) for i, s in enumerate(e.schemes))
         marks = tuple("win" if s == e.winner else "" for s in e.schemes)
         votes = " ".join(f"{epoch}:{vote}" for epoch, vote in zip(e.epochs, e.votes))
+        most = max(e.tally)
+        tied = [i for i, t in enumerate(e.tally) if t == most]
+        if len(tied) > 1:
+            runs = [e.longest_run[i] for i in tied]
+            rule = ("the longest run of consecutive wins decides" if runs.count(max(runs)) == 1
+                    else "equal longest runs too, so the earliest scheme wins")
+            decided = f"tie at {most} votes between {', '.join(e.schemes[i] for i in tied)}: {rule} ({e.winner})"
+        else:
+            decided = "ties would go to the longest run of consecutive wins, then the earliest scheme"
         return (
             "TMI vote", f"{e.winner} wins the vote of {len(e.epochs)} tickets",
-            (f"votes {votes}", "ties go to the longest run of consecutive wins, then the earliest scheme"),
+            (f"votes {votes}", decided),
             StepTable(("scheme", "votes", "longest run"), rows, marks), groups, None,
         )
 
     def _cut(self, e: BeamCut, groups: Groups | None) -> Described:
+        parents = [set(c.members) - {c.added} for c in e.candidates]
+        shared = set.intersection(*parents) if parents else set()
+        same = same_set_notes([c.members for c in e.candidates])
         rows = tuple(
             (
-                _members(c.members), str(c.added), _fmt(c.cost), _fmt(c.smoothness),
-                str(c.rank_cost), str(c.rank_smooth), _fmt(c.score), "keep" if c.survived else "cut",
+                str(i), "keep" if c.survived else "cut", _marked((set(c.members) - shared) | {c.added}, c.added),
+                _fmt(c.cost), _fmt(c.smoothness), str(c.rank_cost), str(c.rank_smooth), _fmt(c.score), same[i],
             )
-            for c in e.candidates
+            for i, c in enumerate(e.candidates)
         )
         marks = tuple("keep" if c.survived else "cut" for c in e.candidates)
         kept = sum(c.survived for c in e.candidates)
+        notes = [
+            (f"cost = inner − β·outer, β = {_fmt(e.beta)}; score = α·R(cost) + (1−α)·R(smooth): lowest kept, "
+             "ties to the rougher, then the earlier"),
+            RANK_LEGEND,
+        ]
+        if shared:
+            notes.append(f"all hold {_members(sorted(shared))} (not repeated); \"= #k\": the same set as #k")
+        elif any(same):
+            notes.append("\"= #k\": the same set as candidate #k, added in another order")
         return (
             "beam cut",
             f"Group {e.group}, start {e.start}: cut at size {e.size} keeps {kept} of {len(e.candidates)}",
-            (f"cost = inner − β·outer with β = {_fmt(e.beta)}; score = α·R(cost) + (1−α)·R(smooth), lowest kept",),
-            StepTable(("members", "added", "cost", "smooth", "R(cost)", "R(smooth)", "score", ""), rows, marks),
+            tuple(notes),
+            StepTable(("#", "", "members, +added", "cost", "smooth", "R(cost)", "R(smooth)", "score", "same"),
+                      rows, marks),
             groups, e.group,
         )
 
     def _beam_final(self, e: BeamFinal, groups: Groups | None) -> Described:
-        rows = tuple((_members(c.members), _fmt(c.cost), _fmt(c.smoothness)) for c in e.candidates)
+        same = same_set_notes([c.members for c in e.candidates])
+        rows = tuple((str(i), _members(sorted(c.members)), _fmt(c.cost), _fmt(c.smoothness), same[i])
+                     for i, c in enumerate(e.candidates))
         marks = tuple("win" if i == e.best else "" for i in range(len(e.candidates)))
+        costs = [c.cost for c in e.candidates]
+        tie = tie_note([f"#{i}" for i in range(len(costs))], costs, max(costs), "the earliest candidate wins")
         return (
             "beam final",
             f"Group {e.group}, start {e.start}: best complete candidate #{e.best}, cost {_fmt(e.candidates[e.best].cost)}",
-            (f"final cost uses β = {_fmt(e.beta)}; smoothness does not enter the final pick",),
-            StepTable(("members", "cost", "smooth"), rows, marks), groups, e.group,
+            (f"final cost uses β = {_fmt(e.beta)}; highest cost wins; smoothness does not enter the final pick",
+             *([tie] if tie else [])),
+            StepTable(("#", "members", "cost", "smooth", "same"), rows, marks), groups, e.group,
         )
 
     def _restarts(self, e: StartResults, groups: Groups | None) -> Described:
         order = sorted(range(len(e.starts)), key=lambda i: (-e.scores[i], i))
         best = order[0]
         shown = order[:TOP_ROWS]
-        rows = tuple((str(e.starts[i]), _fmt(e.scores[i]), _members(e.members[i])) for i in shown)
+        same = same_set_notes(e.members)
+        rows = tuple((str(e.starts[i]), _fmt(e.scores[i]), _members(sorted(e.members[i])), same[i]) for i in shown)
         marks = tuple("win" if i == best else "" for i in shown)
         notes = [f"β = {_fmt(e.beta)}, γ = {e.gamma}; highest score wins, ties to the lowest start"]
+        tie = tie_note([str(s) for s in e.starts], e.scores, e.scores[best], f"the lowest start, {e.starts[best]}, wins")
+        if tie:
+            notes.append(tie)
         if len(order) > TOP_ROWS:
             notes.append(f"best {TOP_ROWS} of {len(order)} restarts shown")
         return (
             "restarts",
             f"Group {e.group}: {len(e.starts)} restarts ({e.selection}), start {e.starts[best]} wins with {_fmt(e.scores[best])}",
-            tuple(notes), StepTable(("start", "score", "members"), rows, marks), groups, e.group,
+            tuple(notes), StepTable(("start", "score", "members (sorted)", "same"), rows, marks), groups, e.group,
+        )
+
+    def _greedy_addition(self, e: StartResults, sub: int, groups: Groups | None) -> Described:
+        winner = greedy_winner(e)
+        order = e.members[winner]  # in the order the greedy search added them
+        low = max(0, sub - SNAKE_WINDOW)
+        rows = tuple((str(k), str(order[k]), _marked(order[: k + 1], order[k])) for k in range(low, sub + 1))
+        marks = tuple("current" if k == sub else "" for k in range(low, sub + 1))
+        what = "starts from" if sub == 0 else "adds"
+        return (
+            "greedy",
+            f"Group {e.group}, start {e.starts[winner]} (the winning start): step {sub + 1}/{len(order)} {what} kernel {order[sub]}",
+            (("each step adds the kernel with the largest summed distance to the set so far (lowest index on ties); "
+              "the restarts table after these steps compares every start's final set"),),
+            StepTable(("step", "kernel", "set so far, +new"), rows, marks), groups, e.group,
         )
 
     def _ranked(self, e: RankedSelection, groups: Groups | None) -> Described:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..common.errors import ConfigError, DataError
 from ..models.normalization import Normalization
+from .spec import parse_data_spec
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -38,7 +39,6 @@ STATS_SAMPLE = 2000
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 _LUMA = (0.299, 0.587, 0.114)
-SPEC_HELP = "use digits, cifar10:PATH or imagefolder:PATH"
 
 
 @dataclass
@@ -224,19 +224,11 @@ def load_data(
     """Load `digits`, `cifar10:PATH` or `imagefolder:PATH` as a `DataBundle` with images of
     `channels` channels (default: the data's own) at `image_size` pixels (default 32)."""
     _check_args(channels, image_size, val_fraction, seed)
-    kind, sep, path_text = str(spec).strip().partition(":")
-    kind = kind.strip().lower()
-    if kind == "digits" and not sep:
+    parsed = parse_data_spec(spec)
+    if parsed.kind == "digits":
         return _load_digits(channels or 1, image_size or DEFAULT_IMAGE_SIZE, seed, val_fraction)
-    if kind in ("cifar10", "imagefolder") and sep:
-        if not path_text.strip():
-            raise DataError(f"dataset spec {spec!r} names no folder; {SPEC_HELP}")
-        path = Path(os.path.expanduser(path_text.strip()))
-        if not path.is_dir():
-            raise DataError(f"dataset folder {path} does not exist")
-        loader = _load_cifar10 if kind == "cifar10" else _load_imagefolder
-        return loader(path, channels or 3, image_size or DEFAULT_IMAGE_SIZE, seed, val_fraction)
-    raise DataError(f"unknown dataset spec {spec!r}; {SPEC_HELP}")
+    loader = _load_cifar10 if parsed.kind == "cifar10" else _load_imagefolder
+    return loader(parsed.path, channels or 3, image_size or DEFAULT_IMAGE_SIZE, seed, val_fraction)  # type: ignore[arg-type]
 
 
 def _load_digits(channels: int, image_size: int, seed: int, val_fraction: float) -> DataBundle:

@@ -12,7 +12,6 @@ import os
 import pickle
 import types
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,18 @@ from ..models.architectures import (
     tensor_shapes,
 )
 from ..models.normalization import Normalization
+from .listing import (
+    WORKBENCH_FORMAT,
+    WRAPPER_KEYS,
+    InertObject,
+    check_file,
+    module_state,
+    module_tensors,
+    stand_in,
+    strip_module_prefix,
+)
 
-WORKBENCH_FORMAT = "gkp-workbench"
 WORKBENCH_VERSION = 1
-WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
 WEIGHTS_ONLY = "state_dict"
 RESTRICTED = "pickled model (restricted)"
 TRUSTED = "pickled model (trusted)"
@@ -142,22 +149,13 @@ def save_checkpoint(
     torch_save_atomic(record, path)
 
 
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new dict without the `module.` prefix (DataParallel, possibly nested) when every key
-    carries it; otherwise the same entries."""
-    out = dict(state_dict)
-    while out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
-    return out
-
-
 # --- reading files ----------------------------------------------------------------------------
 
 
 def _read_object(path: Path, trust_pickle: bool) -> tuple[Any, str]:
     """The top-level object of a torch-saved file and how it was read: weights-only first, then
     the restricted unpickler, or (only with `trust_pickle`) a full unpickle."""
-    _check_file(path)
+    check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -230,51 +228,6 @@ def _plain(path: Path, obj: Any) -> Any:
     return rebuild(obj, 0)[0]
 
 
-def _check_file(path: Path) -> None:
-    """Reject paths that cannot be a torch checkpoint before handing them to `torch.load`."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file")
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(512)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    if not head:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if head.startswith(b"PK"):
-        if _is_torchscript(path):
-            raise CheckpointError(
-                f"{path} is a TorchScript archive, not a checkpoint; save the model's state_dict() instead"
-            )
-        return
-    if head.startswith(b"\x80"):
-        return
-    kind = "a text file" if _is_text(head) else "an unrecognised binary file"
-    raise CheckpointError(f"{path} is not a PyTorch checkpoint (it is {kind})")
-
-
-def _is_torchscript(path: Path) -> bool:
-    """Whether a zip file is a TorchScript archive (it holds constants.pkl)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False  # torch.load reports the damage
-
-
-def _is_text(head: bytes) -> bool:
-    """Whether the first bytes of a file decode as UTF-8 text."""
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 3  # only a character cut off at the end of the sample
-    return True
-
-
 def _detail(exc: BaseException) -> str:
     """First sentence of an exception message, shortened, for the end of an error sentence."""
     text = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
@@ -290,33 +243,6 @@ def _needs_trust(path: Path, foreign: list[str]) -> str:
 
 
 # --- restricted unpickling --------------------------------------------------------------------
-
-
-class InertObject:
-    """Stand-in for an object of a pickled class that is never imported: it records the
-    constructor arguments, the state and any items pickle hands it, and does nothing else."""
-
-    pickled_class = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "InertObject":
-        obj = super().__new__(cls)
-        obj.__dict__.update(inert_args=args, inert_state=None, inert_items=[])
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["inert_state"] = state
-
-    def append(self, item: Any) -> None:
-        self.inert_items.append(item)
-
-    def extend(self, items: Any) -> None:
-        self.inert_items.extend(items)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.inert_items.append((key, value))
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -349,43 +275,13 @@ def _restricted_pickle(foreign: list[str]) -> types.SimpleNamespace:
                 return allowed[key]
             if key not in stand_ins:
                 foreign.append(f"{module}.{name}")
-                stand_ins[key] = type(name, (InertObject,), {"pickled_class": f"{module}.{name}"})
+                stand_ins[key] = stand_in(module, name)
             return stand_ins[key]
 
     def load(file: Any, **kwargs: Any) -> Any:
         return RestrictedUnpickler(file, **kwargs).load()
 
     return types.SimpleNamespace(__name__="gkp_restricted_pickle", Unpickler=RestrictedUnpickler, load=load)
-
-
-def _module_state(obj: Any) -> dict[str, Any] | None:
-    """The recorded `__dict__` of a pickled nn.Module stand-in, or None for anything else."""
-    if isinstance(obj, InertObject):
-        state = obj.inert_state
-        if isinstance(state, dict) and isinstance(state.get("_parameters"), Mapping) and isinstance(
-            state.get("_modules"), Mapping
-        ):
-            return state
-    return None
-
-
-def _inert_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of a pickled module tree, with dotted names, in the
-    order `nn.Module.state_dict` uses."""
-    state = _module_state(obj)
-    out: dict[str, torch.Tensor] = {}
-    if state is None:
-        return out
-    for name, value in state["_parameters"].items():
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value.detach()
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for name, value in (state.get("_buffers") or {}).items():
-        if isinstance(value, torch.Tensor) and name not in skip:
-            out[prefix + name] = value.detach()
-    for name, child in state["_modules"].items():
-        out.update(_inert_state_dict(child, f"{prefix}{name}."))
-    return out
 
 
 def _holds_tensors(obj: Any) -> bool:
@@ -403,9 +299,9 @@ def _as_state_dict(value: Any) -> dict[str, torch.Tensor] | None:
     stand-in; None when it is none of these."""
     if isinstance(value, nn.Module):
         return {k: v.detach() for k, v in value.state_dict().items()}
-    if _module_state(value) is not None:
-        tensors = _inert_state_dict(value)
-        return tensors or None
+    if module_state(value) is not None:
+        tensors = module_tensors(value, lambda v: isinstance(v, torch.Tensor))
+        return {k: v.detach() for k, v in tensors.items()} or None
     if isinstance(value, Mapping) and value and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
     ):

@@ -5,9 +5,7 @@ compact archive that stores each snapshot's conv weights as int8 deltas from the
 from __future__ import annotations
 
 import io
-import itertools
 import os
-import re
 import zipfile
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping
@@ -20,17 +18,19 @@ from ..common.errors import CheckpointError, ConfigError, SnapshotError
 from ..common.fileio import write_bytes_atomic
 from ..models.architectures import Shapes, StateMismatch, compare_shapes, tensor_shapes
 from .checkpoints import read_state_dict
+from .listing import (
+    EXPECTED_NAMES,
+    SMALL_ARRAY,
+    array_headers,
+    array_nbytes,
+    requested_epochs,
+    snapshot_files,
+)
 
-SNAPSHOT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".th", ".tar", ".ckpt", ".bin")
 ARCHIVE_FORMAT = "gkp-snapshots"
 ARCHIVE_VERSION = 1
-EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
-_EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
-_SHOWN = 8  # missing epochs listed before "..."
 _FINGERPRINT_RTOL = 1e-6
 _ARCHIVE_KEYS: tuple[str, ...] = ("format", "version", "epochs", "names", "final_l1")
-_SMALL_ARRAY = 1 << 24  # bytes: the archive's index arrays are far smaller
-_MAX_RATIO = 1100  # an archive member expands at most this much (deflate: about 1032-fold)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,7 +73,7 @@ def open_snapshots(
         raise SnapshotError(
             f"no snapshot files in {target}: expected one file per epoch named like {EXPECTED_NAMES}"
         )
-    return _Directory(files, reference, _requested_epochs(sorted(files), window, step))
+    return _Directory(files, reference, requested_epochs(sorted(files), window, step))
 
 
 class SnapshotSource(Mapping[int, StateDict]):
@@ -136,34 +136,6 @@ class _Directory(SnapshotSource):
         _check_match(compare_shapes(self.first, tensor_shapes(state)),
                      f"snapshots mix architectures: {file.name} differs from {self.files[first].name}")
         return state
-
-
-def snapshot_files(directory: Path) -> dict[int, Path]:
-    """Epoch → file for the snapshot files of `directory` (names holding one epoch number)."""
-    found: dict[int, Path] = {}
-    for file in sorted(directory.iterdir()):
-        epoch = epoch_of(file.name) if file.is_file() and not file.name.startswith(".") else None
-        if epoch is None:
-            continue
-        if epoch in found:
-            raise SnapshotError(f"epoch {epoch} has two snapshot files in {directory}: {found[epoch].name} and {file.name}")
-        found[epoch] = file
-    return found
-
-
-def epoch_of(name: str) -> int | None:
-    """The epoch number in a snapshot file name: its only integer, or the one after "epoch"/"ep"
-    (as in resnet20_epoch_7.pt); None for other files."""
-    stem = name
-    while (suffix := Path(stem).suffix.lower()) in SNAPSHOT_SUFFIXES:
-        stem = stem[: -len(suffix)]
-    if stem == name:
-        return None
-    numbers = re.findall(r"\d+", stem)
-    if len(numbers) == 1:
-        return int(numbers[0])
-    tagged = _EPOCH_KEYWORD.findall(stem)
-    return int(tagged[0]) if len(tagged) == 1 else None
 
 
 def save_snapshot_archive(
@@ -231,7 +203,7 @@ class _Archive(SnapshotSource):
                 raise SnapshotError(
                     f"snapshot archive {path.name} was made from different final weights than the reference (key {name!r})"
                 )
-        self.epochs = _requested_epochs(sorted(found), window, step)
+        self.epochs = requested_epochs(sorted(found), window, step)
         self.position = {epoch: j for j, epoch in enumerate(found)}
         self.names, self.arrays = names, arrays
         self.finals = {name: reference[name].detach().cpu().double() for name in names}
@@ -248,9 +220,9 @@ class _Archive(SnapshotSource):
 def _read_archive(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The arrays of a snapshot archive, each loaded only once its header shows a size the
     archive holds and, for the quantised weights, the model's shape at every stored epoch."""
-    headers = _array_headers(path)
+    headers = array_headers(path)
     with np.load(path, allow_pickle=False) as data:
-        index = {key: data[key] for key in _ARCHIVE_KEYS if key in headers and _nbytes(headers[key]) <= _SMALL_ARRAY}
+        index = {key: data[key] for key in _ARCHIVE_KEYS if key in headers and array_nbytes(headers[key]) <= SMALL_ARRAY}
         if str(index.get("format", "")) != ARCHIVE_FORMAT or int(index.get("version", -1)) != ARCHIVE_VERSION:
             raise SnapshotError(f"{path} is not a gkp-workbench snapshot archive (version {ARCHIVE_VERSION})")
         names, epochs = [str(n) for n in index.get("names", [])], len(index.get("epochs", []))
@@ -262,58 +234,6 @@ def _read_archive(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str
         if headers.get("scales", ((),))[0] != (epochs, len(names)) or len(index.get("final_l1", [])) != len(names):
             raise SnapshotError(f"snapshot archive {path.name} is damaged: its index does not match its {len(names)} weights")
         return {**index, "scales": data["scales"], **{f"q{i}": data[f"q{i}"] for i in range(len(names))}}
-
-
-def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every array in an .npz archive, read from the headers alone, each
-    checked to need no more bytes than the archive stores for it (so loading cannot be made to
-    allocate more than the file holds, beyond what compression gives)."""
-    headers = {}
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(member)
-            if dtype.hasobject or _nbytes((shape, dtype)) > info.file_size or info.file_size > _MAX_RATIO * max(1, info.compress_size):
-                raise ValueError(f"array {info.filename} declares more data than the archive holds")
-            headers[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
-    return headers
-
-
-def _nbytes(header: tuple[tuple[int, ...], np.dtype]) -> int:
-    shape, dtype = header
-    return int(np.prod(shape, dtype=object)) * dtype.itemsize
-
-
-def _requested_epochs(found: list[int], window: tuple[int, int] | None, step: int) -> list[int]:
-    """Every `step`-th epoch of the window (or of the found range); `SnapshotError` listing the
-    missing ones and what was found when any is absent."""
-    first, last = window if window is not None else (found[0], found[-1])
-    wanted = range(first, last + 1, step)
-    have = set(found)
-    count = len(wanted) - sum(1 for e in have if e in wanted)  # without listing a huge window
-    if count:
-        missing = list(itertools.islice((e for e in wanted if e not in have), _SHOWN))
-        listed = ", ".join(str(e) for e in missing)
-        if count > _SHOWN:
-            listed += f", ... ({count} in all)"
-        where = f"ticket window {first}..{last}" if window is not None else f"epochs {first}..{last}"
-        if step > 1:
-            where += f" at step {step}"
-        raise SnapshotError(f"missing epochs {listed} in {where} (found {_ranges(found)})")
-    return list(wanted)
-
-
-def _ranges(epochs: list[int]) -> str:
-    """Sorted epochs as compact runs: "35..40, 43..70"."""
-    runs: list[list[int]] = []
-    for epoch in epochs:
-        if runs and epoch == runs[-1][1] + 1:
-            runs[-1][1] = epoch
-        else:
-            runs.append([epoch, epoch])
-    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def _check_match(mismatch: StateMismatch, context: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 MAC_COUNTER = "torch.utils.flop_counter.FlopCounterMode (conv + matmul ops; MACs = FLOPs/2)"
@@ -36,6 +37,19 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _counter_without_dynamo() -> FlopCounterMode:
+    """A FLOP counter whose dispatch does not import TorchDynamo. Torch wraps every dispatch
+    mode's `__torch_dispatch__` so that Dynamo never compiles it, and that wrapper imports
+    `torch._dynamo` (2.5-3 s here) on first use. Counting never runs under `torch.compile`, so the
+    wrapper is pointed at the plain function; where torch's internals differ, nothing changes."""
+    dispatch = getattr(flop_counter, "_FlopCounterMode", None)
+    wrapped = getattr(dispatch, "__dict__", {}).get("__torch_dispatch__")
+    raw = getattr(wrapped, "__wrapped__", None)
+    if raw is not None and not hasattr(raw, "__dynamo_disable"):
+        setattr(raw, "__dynamo_disable", raw)
+    return FlopCounterMode(display=False)
+
+
 def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
     """Run one forward pass of a zero batch of `input_shape` (batch dimension included, usually
     1) on the model's device under the FLOP counter, in eval mode, without gradients."""
@@ -43,7 +57,7 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = _counter_without_dynamo()
     try:
         with counter, torch.no_grad():
             model(torch.zeros(input_shape, device=device))

@@ -10,6 +10,8 @@ from typing import Any
 
 from ..common.errors import ConfigError
 
+UNKNOWN_NORMALIZATION = "unknown"  # how a guessed normalisation's source starts (none recorded, none given)
+
 
 @dataclass(frozen=True)
 class Normalization:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from ..common.checks import MAX_SEED
 from ..common.devices import resolve_device
 from ..common.errors import ConfigError, DataError
-from ..common.progress import ProgressCallback
+from ..common.progress import ProgressCallback, check_cancel, part_progress
 from ..models.normalization import Normalization
 from ..models.normalize_layer import Normalize, with_normalization
 from .attack_spec import (
@@ -42,6 +42,7 @@ from .batch_eval import (
     count_correct,
     derive_seed,
     evaluation_mode,
+    example_count,
     first_image,
     output_classes,
     run_batches,
@@ -483,15 +484,21 @@ def evaluate_robustness(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    on_report: Callable[[RobustnessReport], None] | None = None,
 ) -> RobustnessReport:
     """Clean and robust accuracy of `model` (which expects normalised input) on the first
     `max_examples` ([0, 1] image, label) items of `dataset`, in eval mode (restored after).
 
-    Each attack on each batch starts from torch seeded by (seed, attack, batch), inside a forked
-    RNG so the caller's random state is untouched. On up to 32 examples of the first batch it
-    checks that input gradients are non-zero and that every ε attack at ε = 0 reproduces the
-    clean count (except AutoAttack and Square, whose ε = 0 run is a full query budget); failures
-    are recorded in `warnings`. `attacks=None` runs the default suite."""
+    The clean pass comes first, then each attack in turn over every batch; `on_report` receives
+    the report of what has finished after each of them (the attacks done so far), so a front end
+    can show results as they come and keep them when cancelled. Progress counts passes × examples
+    and never goes back. Cancellation is checked between batches and before every forward pass,
+    so it acts inside an attack's steps too. Each attack on each batch starts from torch seeded by
+    (seed, attack, batch), inside a forked RNG so the caller's random state is untouched. On up
+    to 32 examples of the first batch it checks that input gradients are non-zero and that every ε
+    attack at ε = 0 reproduces the clean count (except AutoAttack and Square, whose ε = 0 run is a
+    full query budget); failures are recorded in `warnings`. `attacks=None` runs the default
+    suite."""
     specs = [parse_attack(a) if isinstance(a, str) else a for a in (DEFAULT_ATTACKS if attacks is None else attacks)]
     labels = [s.label for s in specs]
     duplicate = next((lab for lab in labels if labels.count(lab) > 1), None)
@@ -501,9 +508,21 @@ def evaluate_robustness(
     _check_eps_space(eps_space, [cls for cls, _ in resolved])
     dev = resolve_device(device)
     image = first_image(dataset)
+    n = example_count(dataset, max_examples)
     norm = normalization.for_channels(image.shape[0])
     started = time.perf_counter()
     warnings: list[str] = []
+    results: list[AttackResult] = []
+    passes = len(specs) + 1
+
+    def report_now(clean: int) -> RobustnessReport:
+        seconds = time.perf_counter() - started
+        return RobustnessReport(
+            n_examples=n, clean_correct=clean, clean_acc=clean / n, attacks=list(results), eps_space=eps_space,
+            device=str(dev), seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, seed=seed,
+            warnings=list(warnings), clean_predicted=predicted.tolist(),
+        )
+
     with evaluation_mode(model, dev), _rng_scope():
         net, to_space, box = _attack_space(model, norm, eps_space, image.shape, dev)
         n_classes = output_classes(net, to_space(image[None].to(dev)))
@@ -511,44 +530,35 @@ def evaluate_robustness(
         for spec, (cls, params) in zip(specs, resolved):
             params = _complete(spec, params, seed, n_classes)
             runs.append((spec, cls, params, _build_attack(cls, params, net, box)))
-
         predicted = torch.zeros(n_classes, dtype=torch.long)
+        hook = net.register_forward_pre_hook(lambda *_: check_cancel(cancel))
+        try:
+            def clean_score(images: torch.Tensor, targets: torch.Tensor, index: int) -> dict[str, int]:
+                x = to_space(images)
+                with torch.no_grad():
+                    guess = net(x).argmax(dim=1)
+                predicted.add_(torch.bincount(guess.cpu(), minlength=n_classes))
+                if index == 0:
+                    warnings.extend(_first_batch_warnings(net, x, targets, runs, box, seed))
+                return {"clean": int((guess == targets).sum())}
 
-        def score(images: torch.Tensor, targets: torch.Tensor, index: int) -> dict[str, int]:
-            x = to_space(images)
-            with torch.no_grad():
-                guess = net(x).argmax(dim=1)
-            predicted.add_(torch.bincount(guess.cpu(), minlength=n_classes))
-            counts = {"clean": int((guess == targets).sum())}
-            if index == 0:
-                warnings.extend(_first_batch_warnings(net, x, targets, runs, box, seed))
-            for number, (spec, _, _, attack) in enumerate(runs):
-                torch.manual_seed(derive_seed(seed, number, index))
-                counts[spec.label] = count_correct(net, attack(x, targets), targets)
-            return counts
+            common = {"batch_size": batch_size, "device": dev, "max_examples": max_examples, "stage": "evaluate",
+                      "cancel": cancel}
+            clean = run_batches(dataset, clean_score, progress=part_progress(progress, 0, passes, "clean"), **common).correct["clean"]
+            if on_report is not None:
+                on_report(report_now(clean))
+            for number, (spec, cls, params, attack) in enumerate(runs):
 
-        totals = run_batches(
-            dataset, score, batch_size=batch_size, device=dev, max_examples=max_examples,
-            stage="evaluate", progress=progress, cancel=cancel,
-        )
-    seconds = time.perf_counter() - started
-    n = totals.n
-    results = [
-        AttackResult(spec.label, cls.__name__, params, correct / n, correct, n)
-        for spec, cls, params, _ in runs
-        for correct in [totals.correct[spec.label]]
-    ]
-    clean = totals.correct["clean"]
-    return RobustnessReport(
-        n_examples=n,
-        clean_correct=clean,
-        clean_acc=clean / n,
-        attacks=results,
-        eps_space=eps_space,
-        device=str(dev),
-        seconds=seconds,
-        images_per_second=n / seconds if seconds > 0 else 0.0,
-        seed=seed,
-        warnings=warnings,
-        clean_predicted=predicted.tolist(),
-    )
+                def attack_score(images: torch.Tensor, targets: torch.Tensor, index: int, number: int = number,
+                                 label: str = spec.label, attack: AttackFn = attack) -> dict[str, int]:
+                    torch.manual_seed(derive_seed(seed, number, index))
+                    return {label: count_correct(net, attack(to_space(images), targets), targets)}
+
+                totals = run_batches(dataset, attack_score, progress=part_progress(progress, number + 1, passes, spec.label), **common)
+                correct = totals.correct[spec.label]
+                results.append(AttackResult(spec.label, cls.__name__, params, correct / n, correct, n))
+                if on_report is not None:
+                    on_report(report_now(clean))
+        finally:
+            hook.remove()
+    return report_now(clean)

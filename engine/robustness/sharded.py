@@ -36,6 +36,7 @@ def _sharded(
     n = example_count(dataset, max_examples)
     if n < ctx.world_size:
         raise DataError(f"cannot shard {n} evaluation examples over {ctx.world_size} processes")
+    options = {key: value for key, value in options.items() if key != "on_report"}
     try:
         local: Report | None = run(model, normalization, shard(dataset, n, ctx), **options)
     except Cancelled:
@@ -58,7 +59,8 @@ def evaluate_sharded(
 ) -> RobustnessReport:
     """`attacks.evaluate_robustness` on the first `max_examples` items, each process taking a
     strided shard, merged into one report on every process. Clean and deterministic attacks
-    (FGSM) count exactly as one process would; attacks with a random start draw per shard."""
+    (FGSM) count exactly as one process would; attacks with a random start draw per shard. A
+    shard's partial reports are its own, so `on_report` is only served by a single process."""
     return _sharded(evaluate_robustness, RobustnessReport.merge, model, normalization, dataset, ctx,
                     max_examples, {"attacks": attacks, **options})
 

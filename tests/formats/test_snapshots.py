@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.common.errors import ConfigError, SnapshotError
-from engine.formats.snapshots import epoch_of, load_snapshots, open_snapshots, save_snapshot_archive
+from engine.formats.listing import epoch_of
+from engine.formats.snapshots import load_snapshots, open_snapshots, save_snapshot_archive
 from engine.models.architectures import ArchSpec, build_model
 
 

@@ -3,6 +3,7 @@ scikit-learn's digits (8x8 grey images, 10 classes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -288,11 +289,16 @@ def test_merge_sums_counts_and_rejects_other_suites() -> None:
 
 def test_progress_and_cancellation(digits) -> None:
     model, data = digits
-    seen = []
-    evaluate_robustness(model, NORM, data, ["fgsm:eps=0.1"], device="cpu", batch_size=100, progress=seen.append)
+    seen, reports = [], []
+    final = evaluate_robustness(model, NORM, data, ["fgsm:eps=0.1"], device="cpu", batch_size=100,
+                                progress=seen.append, on_report=reports.append)
     assert {p.stage for p in seen} == {"evaluate"}
-    assert [p.done for p in seen] == [0, 100, 200, 300] and seen[-1].total == 300
-    assert "fgsm-0.1" in seen[-1].metrics
+    # The clean pass, then the attack's: progress counts passes × examples and never goes back.
+    assert [p.done for p in seen] == [0, 100, 200, 300, 300, 400, 500, 600] and seen[-1].total == 600
+    assert "fgsm-0.1" in seen[-1].metrics and seen[-1].message.startswith("fgsm-0.1")
+    # A report after the clean pass (no attack yet) and after the attack: the final one.
+    assert [len(r.attacks) for r in reports] == [0, 1] and reports[-1] == dataclasses.replace(final, seconds=reports[-1].seconds, images_per_second=reports[-1].images_per_second)
+    assert reports[0].clean_correct == final.clean_correct
 
     cancel = threading.Event()
 
@@ -306,6 +312,48 @@ def test_progress_and_cancellation(digits) -> None:
                             progress=stop_after_first, cancel=cancel)
     assert model.training
     model.eval()
+
+
+def test_cancel_acts_inside_an_attacks_steps(digits) -> None:
+    """torchattacks runs its steps internally: a cancel set during PGD stops it at the next forward
+    pass, not after the batch, and the attacks finished before it have been reported."""
+    model, data = digits
+    cancel = threading.Event()
+    calls = {"n": 0, "after_cancel": 0}
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            if cancel.is_set():
+                calls["after_cancel"] += 1
+            return self.inner(x)
+
+    reports = []
+
+    def cancel_mid_pgd(report) -> None:
+        reports.append(report)
+        if report.attacks:  # FGSM is done; PGD comes next: cancel after a few of its steps
+            start = calls["n"]
+            threading.Thread(target=lambda: (time_to(lambda: calls["n"] >= start + 3), cancel.set())).start()
+
+    with pytest.raises(Cancelled):
+        evaluate_robustness(Counting(), NORM, data, ["fgsm:eps=0.1", "pgd:eps=0.1,alpha=0.01,steps=200"],
+                            device="cpu", batch_size=400, max_examples=400, cancel=cancel, on_report=cancel_mid_pgd)
+    assert calls["after_cancel"] == 0  # the next forward after the cancel raised instead of running
+    assert [a.label for a in reports[-1].attacks] == ["fgsm-0.1"]
+
+
+def time_to(condition, limit: float = 30.0) -> None:
+    """Wait until `condition()` holds (or `limit` seconds pass)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def test_autoattack_runs_offline_on_a_tiny_case(digits) -> None:

@@ -127,8 +127,9 @@ finetune(resumed, data, data.normalization, config, out / "cut", resume=True)
 same = all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 calls = []
-planner = pipeline.plan_pruning
-pipeline.plan_pruning = lambda *args, **kwargs: calls.append(ctx.rank) or planner(*args, **kwargs)
+import engine.gkp.planner as planning  # the pipeline imports the planner when it prunes
+planner = planning.plan_pruning
+planning.plan_pruning = lambda *args, **kwargs: calls.append(ctx.rank) or planner(*args, **kwargs)
 run_config = RunConfig()
 run_config.set("run.device", "cpu")
 run_config.set("run.stages", ["prune"])

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pilot_support import make_config, settle
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static
 from torch import nn
 
 from engine.common.errors import ConfigError
-from engine.config import RunConfig
 from engine.gkp.layers import discover_layers
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
@@ -28,7 +28,7 @@ from widgets.plots import ComparisonBars, CurvePlot
 from widgets.stepper import StepperView
 from workbench.app import WorkbenchApp, build_config
 from workbench.commands import WorkbenchCommands
-from workbench.jobs import CANCELLED, DONE, FAILED
+from workbench.jobs import CANCELLED, DONE
 from workbench.keys import bindings_markdown
 from workbench.model_scan import inspect_model
 from workbench.model_view import layer_rows
@@ -43,31 +43,9 @@ from workbench.screens.overview import OverviewScreen
 from workbench.screens.prune import PruneScreen
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE_SIZE = 16  # small inputs keep pruning checks, evaluation and fine-tuning fast
 
 
-# ---- fixtures ----------------------------------------------------------------------------
-
-
-def make_config(checkpoint: Path | None, **extra: Any) -> RunConfig:
-    overrides = {
-        "run.device": "cpu", "finetune.device": "cpu", "data.image_size": IMAGE_SIZE,
-        "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
-        "finetune.batch_size": 128, "deploy.form": "grouped", "data.spec": "digits",
-        "prune.recalibrate_images": 256, **extra,
-    }
-    if checkpoint is not None:
-        overrides["model.checkpoint"] = str(checkpoint)
-    return build_config(None, overrides)
-
-
-async def settle(app: WorkbenchApp, pilot: Pilot[Any]) -> None:
-    """Wait for every worker and the messages they posted (the open job starts once the first
-    frame is up, so wait for it to exist first)."""
-    while not app.jobs:
-        await pilot.pause()
-    await app.workers.wait_for_complete()
-    await pilot.pause()
+# ---- helpers --------------------------------------------------------------------------
 
 
 def tiny_model() -> nn.Module:
@@ -354,17 +332,19 @@ async def test_without_data_pruning_works_and_data_jobs_say_what_is_missing(chec
         outcome = app.session.outcome
         assert outcome is not None and outcome.accuracy is None
         assert "pass --data" in str(app.screen.query_one("#prune-checks", Static).render())
+        phases = str(app.screen.query_one("#prune-phases", Static).render())
+        assert "– recalibrate" in phases and "no data" in phases and "✓ check" in phases
         await pilot.press("j", "e")
         await settle(app, pilot)
-        job = app.latest_job("evaluate")
-        assert job is not None and job.status == FAILED and "--data" in (job.error or "")
+        assert app.latest_job("evaluate") is None  # refused before it starts, saying where to set data
+        assert any("needs data (none is set); set it in the data field" in n.message for n in app._notifications)
 
 
 async def test_bad_input_is_a_notification_not_a_crash(tmp_path: Path, checkpoint: Path) -> None:
     missing = WorkbenchApp(make_config(tmp_path / "nope.pt"))
     async with missing.run_test(size=(80, 24)) as pilot:
         await settle(missing, pilot)
-        assert missing.latest_job("open").status == FAILED  # type: ignore[union-attr]
+        assert missing.latest_job("open") is None  # refused at once, before torch is needed
         assert "nope.pt" in str(missing.screen.query_one("#summary", Static).render())
         assert any("nope.pt" in n.message for n in missing._notifications)
 
@@ -383,10 +363,8 @@ async def test_bad_input_is_a_notification_not_a_crash(tmp_path: Path, checkpoin
         rate.value = "0.5"
         app.screen.query_one("#field-prune-method", Select).value = "tmi-gkp"
         await pilot.press("ctrl+r")
-        await settle(app, pilot)
-        job = app.latest_job("prune")
-        assert job is not None and job.status == FAILED and "snapshots" in (job.error or "")
-        assert any("snapshots" in n.message for n in app._notifications)
+        assert app.latest_job("prune") is None  # refused by the form, naming the field on screen
+        assert any("set Snapshots" in n.message and "--snapshots" not in n.message for n in app._notifications)
 
 
 async def test_save_writes_model_plan_and_trace(tmp_path: Path, checkpoint: Path) -> None:
@@ -460,18 +438,35 @@ async def test_palette_and_help_cover_every_action(checkpoint: Path) -> None:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
-        assert isinstance(app.screen, LayerScreen)
+        assert isinstance(app.screen, OverviewScreen)  # the overview itself, not the inspector above it
 
 
 async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path, shared_cifar: str) -> None:
-    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": shared_cifar}))
+    """A CIFAR model opened with digits is not evaluated on them: the digits are refused in
+    words; the data field loads the CIFAR folder; evaluation then asks for the normalisation."""
+    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": "digits"}))
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         assert app.session.open_error is None
-        assert app.session.workspace is not None
-        assert app.session.workspace.normalization_source.startswith("unknown")
+        ws = app.session.workspace
+        assert ws is not None and ws.data is None
+        assert ws.normalization_source.startswith("unknown")
         assert len(app.session.rows()) == 19
+        assert "1 channel but the model takes 3" in dict(app.summary_lines())["Data"]
         await pilot.press("j", "e")
+        assert app.latest_job("evaluate") is None and isinstance(app.screen, JobsScreen)
+        assert any("needs data" in n.message for n in app._notifications)
+
+        data = app.screen.query_one("#jobs-data .data-spec", Input)
+        data.value = shared_cifar
+        data.focus()
+        await pilot.press("enter")
+        await settle(app, pilot)
+        ws = app.session.workspace
+        assert ws is not None and ws.data is not None and ws.data.in_channels == 3 and ws.data.num_classes == 10
+        assert app.config.data.spec == shared_cifar
+        app.screen.query_one("#job-evaluate").focus()
+        await pilot.press("e")
         assert isinstance(app.screen, NormalizationScreen)
         await pilot.press(*"imagenet", "enter")
         assert app.session.workspace.normalization.mean == (0.485, 0.456, 0.406)

@@ -120,8 +120,10 @@ def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pyt
     assert "pruned layers deployed" in stdout and "18 grouped, 0 dense" in stdout
     assert "val accuracy unpruned (n=180)" in stdout
     lines = stderr.splitlines()  # plain lines when stderr is not a terminal, one per tenth at most
-    assert any(line.startswith("[prune] resnet20_digits.pt 100.0%") for line in lines), stderr
-    assert len([line for line in lines if line.startswith("[prune]")]) <= 11
+    assert any(line.startswith("[plan] resnet20_digits.pt 100.0%") for line in lines), stderr
+    assert len([line for line in lines if line.startswith("[plan]")]) <= 11
+    for phase in ("recalibrate", "rebuild", "check", "latency"):  # a line per phase of the prune
+        assert any(line.startswith(f"[{phase}] resnet20_digits.pt 100.0%") for line in lines), stderr
 
 
 def test_second_run_without_out_takes_the_next_folder(tmp_path: Path, quick_config: Path,

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from engine.common.progress import Progress
+from engine.pipeline import Workspace, with_data
 from workbench import tasks
 from workbench.app import build_config
+from workbench.jobs import JobDelivered, ProgressRelay
 
 
 @pytest.fixture
@@ -45,6 +47,20 @@ def _progress(_: Progress) -> None:
     pass
 
 
+def _relay() -> ProgressRelay:
+    """A job's progress relay whose messages go nowhere."""
+    return ProgressRelay(0, lambda _: None)
+
+
+def _open(config) -> Workspace:  # type: ignore[no-untyped-def]
+    """The model as the open job hands it over, with the data the job then loads."""
+    posted: list[object] = []
+    loaded = tasks.open_model(config, ProgressRelay(0, posted.append), threading.Event())
+    opened = next(m.part for m in posted if isinstance(m, JobDelivered) and isinstance(m.part, tasks.Opened))
+    assert loaded is not None and loaded.data is not None
+    return with_data(opened.workspace, loaded.data)
+
+
 def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path, watched) -> None:
     config = build_config(None, {
         "model.checkpoint": str(checkpoint), "data.spec": "digits", "run.device": "cpu", "finetune.device": "cpu",
@@ -52,7 +68,7 @@ def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path,
         "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
         "evaluate.attacks": ["fgsm:eps=0.01"], "deploy.form": "grouped",
     })
-    ws = tasks.open_model(config, _progress, threading.Event()).workspace
+    ws = _open(config)
     ids, calls = watched
     original = ws.model
     mode = original.training
@@ -61,7 +77,7 @@ def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path,
     ids.add(id(pruned))
     shared = {"unpruned": original, "pruned": pruned}
     before = {label: {k: v.clone() for k, v in m.state_dict().items()} for label, m in shared.items()}
-    tasks.evaluate_models(ws, shared, _progress, threading.Event())
+    tasks.evaluate_models(ws, shared, _relay(), threading.Event())
     assert calls == []
 
     failures: list[BaseException] = []
@@ -73,7 +89,7 @@ def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path,
             failures.append(exc)
 
     threads = [threading.Thread(target=job, args=(lambda: tasks.prune_model(ws, _progress, threading.Event()),)),
-               threading.Thread(target=job, args=(lambda: tasks.evaluate_models(ws, shared, _progress,
+               threading.Thread(target=job, args=(lambda: tasks.evaluate_models(ws, shared, _relay(),
                                                                                threading.Event()),))]
     for thread in threads:
         thread.start()

@@ -34,6 +34,10 @@ class DecisionScreen(Screen[None]):
         Binding("space", "play", "Play/pause"),
         Binding("home", "go(0)", "First", show=False),
         Binding("end", "go(-1)", "Last", show=False),
+        Binding("down", "scroll(1)", "Scroll down", show=False),
+        Binding("up", "scroll(-1)", "Scroll up", show=False),
+        Binding("pagedown", "scroll(10)", "Page down", show=False),
+        Binding("pageup", "scroll(-10)", "Page up", show=False),
     ]
 
     app: "WorkbenchApp"
@@ -77,6 +81,10 @@ class DecisionScreen(Screen[None]):
 
     def action_go(self, position: int) -> None:
         self.go(position)
+
+    def action_scroll(self, lines: int) -> None:
+        """Scroll a step taller than the screen (tables with many candidates at 80×24)."""
+        self.query_one(StepperView).scroll_body(lines)
 
     def action_decision(self, direction: int) -> None:
         replay = self.replay

@@ -15,7 +15,9 @@ INTRO = """\
 (kernel-smoothness heatmap, filter profile, filter groups). After pruning, `d` in the inspector
 opens the **decision stepper**, which replays every decision the pruning made for that layer.
 **Prune** (`p`) holds the settings form and runs pruning; **Jobs** (`j`) runs fine-tuning and
-robustness evaluation in the background. Every action is also in the command palette (`ctrl+p`).
+robustness evaluation in the background. Both have the **data** field (`digits`,
+`cifar10:PATH`, `imagefolder:PATH`; data the model cannot have been trained on is refused).
+`ctrl+o` opens another checkpoint. Every action is also in the command palette (`ctrl+p`).
 """
 
 

@@ -1,11 +1,13 @@
-"""Jobs: launch fine-tuning and robustness evaluation in the background, follow their progress,
-live training curves, and the attack results of every model side by side."""
+"""Jobs: launch fine-tuning and robustness evaluation in the background (the evaluation form:
+examples, attacks, probes; the data field), follow their progress, live training curves, and
+the attack results of every model side by side as they finish."""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on
@@ -15,6 +17,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import (
     Button,
+    Checkbox,
     DataTable,
     Footer,
     Header,
@@ -32,10 +35,13 @@ from engine.training.finetune_config import MODES
 from widgets.bars import bar
 from widgets.plots import ComparisonBars, CurvePlot
 
+from ..data_field import DataField
 from ..jobs import CANCELLED, DONE, FAILED, RUNNING
 from ..prune_form import FormField, parse_field
+from ..session import COMPLETE
 
 if TYPE_CHECKING:
+    from engine.config import RunConfig
     from engine.pipeline import Evaluation, PruneOutcome
     from engine.training.finetune import EpochRecord
 
@@ -45,11 +51,37 @@ STATUS_STYLES = {RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", CANCEL
 JOB_BAR = 10
 PLOT_INTERVAL = 0.5  # seconds between live plot redraws while a job reports progress
 EPOCHS_FIELD = FormField("finetune.epochs", "Epochs", "int")
+EXAMPLES_FIELD = FormField("evaluate.max_examples", "Examples", "int")
+QUICK_EXAMPLES = 512  # what the form evaluates on unless the run config names a number
+NOT_YET = "…"  # a cell of an attack a model has not finished yet
+DETAIL_MIN = 12  # the job table's label and detail columns never get narrower than this
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def fit_columns(table: DataTable[Any], rows: list[list[Any]], flexible: tuple[int, int]) -> list[list[Any]]:
+    """Give every column of `table` a fixed width so the rows fit its width: the other columns
+    as wide as their text, the two `flexible` text columns (label, detail) sharing the rest, the
+    first one first, the second at least DETAIL_MIN; their text is cut with "…". So nothing is
+    clipped by the edge or scrolls sideways."""
+    columns = list(table.columns.values())
+    need = [max([len(str(c.label))] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+    first, second = flexible
+    fixed = sum(w for i, w in enumerate(need) if i not in flexible)
+    free = max(2 * DETAIL_MIN, table.scrollable_content_region.width - fixed - 2 * table.cell_padding * len(columns))
+    width_first = min(need[first], max(DETAIL_MIN, free - min(need[second], max(DETAIL_MIN, free // 2))))
+    widths = [*need]
+    widths[first], widths[second] = width_first, free - width_first
+    for column, width in zip(columns, widths):
+        column.auto_width, column.width = False, width
+    return [[_cut(cell, widths[i]) if i in flexible else cell for i, cell in enumerate(r)] for r in rows]
 
 
 def accuracy_rows(evaluations: dict[str, "Evaluation"]) -> tuple[list[str], dict[str, list[float]]]:
     """Categories (benign, then each attack) and, per model label, accuracy in percent (NaN
-    where a model was not attacked that way)."""
+    where a model was not attacked that way, or not yet)."""
     categories: list[str] = []
     models: dict[str, list[float]] = {}
     for label, evaluation in evaluations.items():
@@ -62,6 +94,11 @@ def accuracy_rows(evaluations: dict[str, "Evaluation"]) -> tuple[list[str], dict
     for label, values in models.items():
         values.extend([float("nan")] * (len(categories) - len(values)))
     return categories, models
+
+
+def model_header(label: str, status: str | None) -> str:
+    """A results column's title: the model, and whether its numbers are all there."""
+    return label if status in (None, COMPLETE) else f"{label} ({status})"
 
 
 def result_notes(outcome: "PruneOutcome | None", evaluations: dict[str, "Evaluation"]) -> Text:
@@ -86,6 +123,8 @@ class JobsScreen(Screen[None]):
     BINDINGS = [
         Binding("f", "finetune", "Fine-tune"),
         Binding("e", "evaluate", "Evaluate"),
+        Binding("t", "tab('tab-training')", "Training tab"),
+        Binding("r", "tab('tab-robustness')", "Robustness tab"),
         Binding("ctrl+g", "app.cancel_jobs", "Cancel jobs"),
     ]
 
@@ -98,28 +137,39 @@ class JobsScreen(Screen[None]):
         self._drawn_epochs: list[EpochRecord] | None = None
 
     def compose(self) -> ComposeResult:
-        config = self.app.config.finetune
+        config = self.app.config
+        examples = config.evaluate.max_examples or QUICK_EXAMPLES
         yield Header()
         with Horizontal(id="job-controls", classes="button-row"):
             yield Button("Fine-tune f", id="job-finetune", variant="primary", compact=True)
-            yield Button("Evaluate e", id="job-evaluate", compact=True)
-            yield Button("Cancel ^g", id="job-cancel", compact=True)
             yield Label("epochs", classes="inline-label")
-            yield Input(str(config.epochs), id="ft-epochs", compact=True)
+            yield Input(str(config.finetune.epochs), id="ft-epochs", compact=True)
             yield Label("mode", classes="inline-label")
-            yield Select([(m, m) for m in MODES], value=config.mode, allow_blank=False, id="ft-mode", compact=True)
+            yield Select([(m, m) for m in MODES], value=config.finetune.mode, allow_blank=False, id="ft-mode", compact=True)
             yield Input(placeholder="output folder (optional)", id="ft-out", compact=True)
+        with Horizontal(id="eval-controls", classes="button-row"):
+            yield Button("Evaluate e", id="job-evaluate", compact=True)
+            yield Label("examples", classes="inline-label")
+            yield Input(str(examples), id="ev-examples", compact=True)
+            yield Checkbox("frequency probe", False, id="ev-frequency", compact=True)
+            yield Checkbox("corruption probe", False, id="ev-corruption", compact=True)
+            yield Button("Cancel ^g", id="job-cancel", compact=True)
+        with Horizontal(id="eval-attacks", classes="button-row"):
+            yield Label("attacks", classes="inline-label")
+            yield Input("; ".join(config.evaluate.attacks), id="ev-attacks", compact=True,
+                        placeholder="fgsm:eps=0.01; pgd:eps=8/255,alpha=2/255,steps=3")
+        yield DataField(id="jobs-data")
         table: DataTable[Text | str] = DataTable(id="jobs-table", cursor_type="row")
         table.add_columns("#", "job", "status", "progress", "time", "detail")
         yield table
         yield ProgressBar(id="job-progress", show_eta=False)
         yield Static(id="job-notes")
         with TabbedContent(id="job-tabs"):
-            with TabPane("Training", id="tab-training"):
+            with TabPane("Training (t)", id="tab-training"):
                 with Horizontal(classes="plots"):
                     yield CurvePlot("train loss", "epoch", id="loss-plot")
                     yield CurvePlot("accuracy %", "epoch", mark_points=True, id="acc-plot")
-            with TabPane("Robustness", id="tab-robustness"):
+            with TabPane("Robustness (r)", id="tab-robustness"):
                 with Horizontal(classes="plots"):
                     attacks: DataTable[str] = DataTable(id="attack-table", cursor_type="none")
                     yield attacks
@@ -129,6 +179,19 @@ class JobsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.watch(self.app, "jobs_revision", self.refresh_jobs)
         self.watch(self.app, "session_revision", self.refresh_results)
+        self.watch(self.app, "clock", self.refresh_times)
+
+    def refresh_times(self, _tick: int = 0) -> None:
+        """Only the running jobs' elapsed times (the rest changes with their reports)."""
+        table = self.query_one("#jobs-table", DataTable)
+        time_key, column = list(table.columns.items())[4]
+        for job in self.app.jobs:
+            text = f"{job.seconds:.1f}s"
+            if job.active and str(job.id) in table.rows:
+                if len(text) > column.width:
+                    self.refresh_jobs()  # one more digit: the columns are fitted again
+                    return
+                table.update_cell(str(job.id), time_key, text)
 
     def finetune_settings(self) -> tuple[int, str, Path | None]:
         """Epochs, mode and output folder from the controls; `ConfigError` when unreadable."""
@@ -137,6 +200,17 @@ class JobsScreen(Screen[None]):
         out = self.query_one("#ft-out", Input).value.strip()
         return epochs, mode, Path(out) if out else None
 
+    def evaluate_settings(self) -> "RunConfig":
+        """The config with the evaluation form applied and validated; `ConfigError` when not."""
+        config = copy.deepcopy(self.app.config)
+        evaluate = config.evaluate
+        evaluate.max_examples = parse_field(EXAMPLES_FIELD, self.query_one("#ev-examples", Input).value)
+        evaluate.attacks = [a.strip() for a in self.query_one("#ev-attacks", Input).value.split(";") if a.strip()]
+        evaluate.frequency = self.query_one("#ev-frequency", Checkbox).value
+        evaluate.corruption = self.query_one("#ev-corruption", Checkbox).value
+        evaluate.validate()
+        return config
+
     @on(Button.Pressed, "#job-finetune")
     def action_finetune(self) -> None:
         try:
@@ -144,32 +218,43 @@ class JobsScreen(Screen[None]):
         except ConfigError as exc:
             self.notify(str(exc), title="Fine-tune", severity="error")
             return
+        self.action_tab("tab-training")
         self.app.start_finetune(epochs, mode, out)
 
     @on(Button.Pressed, "#job-evaluate")
     def action_evaluate(self) -> None:
-        self.app.start_evaluate()
+        try:
+            settings = self.evaluate_settings()
+        except ConfigError as exc:
+            self.notify(str(exc), title="Evaluate", severity="error")
+            return
+        self.action_tab("tab-robustness")
+        self.app.start_evaluate(settings)
 
     @on(Button.Pressed, "#job-cancel")
     def _cancel(self) -> None:
         self.app.action_cancel_jobs()
 
+    def action_tab(self, tab: str) -> None:
+        self.query_one("#job-tabs", TabbedContent).active = tab
+
     def refresh_jobs(self, _revision: int = 0) -> None:
         table = self.query_one("#jobs-table", DataTable)
         table.clear()
+        rows = []
         for job in reversed(self.app.jobs):
             fraction = job.fraction
             progress = "" if fraction is None else f"{bar(fraction, JOB_BAR)} {fraction:4.0%}"
-            detail = job.error or (job.progress.message if job.progress is not None else "")
-            table.add_row(
-                str(job.id), job.label, Text(job.status, style=STATUS_STYLES.get(job.status, "")),
-                progress, f"{job.seconds:.1f}s", detail, key=str(job.id),
-            )
+            detail = job.error or (job.progress.message if job.progress is not None and job.active else "")
+            rows.append([str(job.id), job.label, Text(job.status, style=STATUS_STYLES.get(job.status, "")),
+                         progress, f"{job.seconds:.1f}s", detail])
+        for row in fit_columns(table, rows, flexible=(1, 5)):
+            table.add_row(*row, key=str(row[0]))
         active = next((j for j in reversed(self.app.jobs) if j.active), None)
         progress_bar = self.query_one("#job-progress", ProgressBar)
         progress_bar.display = active is not None
-        if active is not None and active.progress is not None and active.progress.total:
-            progress_bar.update(total=active.progress.total, progress=active.progress.done)
+        if active is not None and active.fraction is not None:
+            progress_bar.update(total=1.0, progress=active.fraction)
         self._schedule_training_draw()
 
     def _schedule_training_draw(self) -> None:
@@ -201,17 +286,21 @@ class JobsScreen(Screen[None]):
         self.query_one("#acc-plot", CurvePlot).show(series)
 
     def refresh_results(self, _revision: int = 0) -> None:
-        evaluations = self.app.session.evaluations
-        notes = result_notes(self.app.session.outcome, dict(evaluations))
+        session = self.app.session
+        evaluations = session.evaluations
+        notes = result_notes(session.outcome, dict(evaluations))
         self.query_one("#job-notes", Static).update(notes)
         self.query_one("#job-notes", Static).display = bool(notes)
         categories, models = accuracy_rows(dict(evaluations))
+        waiting = [label for label, status in session.evaluation_status.items() if label not in evaluations]
         table = self.query_one("#attack-table", DataTable)
         table.clear(columns=True)
-        if models:
-            table.add_columns("attack", *models)
-            for i, category in enumerate(categories):
-                table.add_row(category, *(f"{values[i]:.1f}" for values in models.values()))
+        if models or waiting:
+            table.add_columns("attack", *(model_header(label, session.evaluation_status.get(label))
+                                          for label in [*models, *waiting]))
+            for i, category in enumerate(categories or ["benign"]):
+                cells = [NOT_YET if values[i] != values[i] else f"{values[i]:.1f}" for values in models.values()]
+                table.add_row(category, *cells, *([NOT_YET] * len(waiting)))
         counts = sorted({ev.robustness.n_examples for ev in evaluations.values()})
         bars = self.query_one("#attack-bars", ComparisonBars)
         bars.title_text = (

@@ -36,6 +36,8 @@ class LayerScreen(Screen[None]):
         Binding("f", "tab('filters')", "Filter profile tab", show=False),
         Binding("g", "tab('groups')", "Filter groups tab", show=False),
     ]
+    # The widget that takes the keys in each tab (arrows, l, s, scrolling).
+    TAB_CONTENT = {"heatmap": "#layer-heatmap", "filters": "#filter-table", "groups": "#group-scroll"}
 
     app: "WorkbenchApp"
 
@@ -60,7 +62,7 @@ class LayerScreen(Screen[None]):
             with TabPane("Filters", id="filters"):
                 yield FilterTable(id="filter-table")
             with TabPane("Groups", id="groups"):
-                with HorizontalScroll():
+                with HorizontalScroll(id="group-scroll"):
                     yield GroupStrip(id="group-strip")
         yield Footer()
 
@@ -145,6 +147,17 @@ class LayerScreen(Screen[None]):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self._focus_content(tab)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id is not None:
+            self._focus_content(event.pane.id)
+
+    def _focus_content(self, tab: str) -> None:
+        """Give the keys to the tab's content, not to the tab bar, so `l`, `s` and the arrows
+        act at once after a tab switch."""
+        self.query_one(self.TAB_CONTENT[tab]).focus()
 
     def action_decisions(self) -> None:
         self.app.open_decisions(self.layer_name)

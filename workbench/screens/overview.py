@@ -15,12 +15,12 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from ..model_view import PRUNED, SKIPPED, WILL_PRUNE, LayerRow, human_count
+from ..model_view import OPENING, PRUNED, SKIPPED, WILL_PRUNE, LayerRow, human_count
 
 if TYPE_CHECKING:
     from ..app import WorkbenchApp
 
-STATUS_STYLES = {WILL_PRUNE: "cyan", PRUNED: "green", SKIPPED: "dim"}
+STATUS_STYLES = {WILL_PRUNE: "cyan", PRUNED: "green", SKIPPED: "dim", OPENING: "italic dim"}
 # Sort keys: label and how to order rows by it (None sorts last).
 SORTS: tuple[tuple[str, Callable[[LayerRow], Any] | None], ...] = (
     ("order", None),
@@ -107,14 +107,23 @@ class OverviewScreen(Screen[None]):
         session = self.app.session
         summary = self.query_one("#summary", Static)
         table = self.query_one("#layers", DataTable)
-        if session.workspace is None or session.info is None:
-            message = session.open_error or f"Opening {self.app.checkpoint_label} …"
-            summary.update(Text(message, style="bold red" if session.open_error else "italic"))
-            table.loading = session.open_error is None
+        if session.open_error is not None:
+            summary.update(Text(session.open_error, style="bold red"))
+            self._loading(False)
+            table.clear()
             return
-        if table.loading:
-            table.loading = False
-            table.focus()
+        if session.workspace is None or session.info is None:
+            listed = session.listing is not None
+            message = f"Opening {self.app.checkpoint_label}: " + (
+                f"{len(session.rows())} convs listed from the file; loading the model, its smoothness and MACs …"
+                if listed else "loading …"
+            )
+            summary.update(Text(message, style="italic"))
+            self._loading(not listed)
+            if listed:
+                self._fill_table()
+            return
+        self._loading(False)
         grid = Table.grid(padding=(0, 1))
         grid.add_column(style="bold cyan", no_wrap=True)
         grid.add_column()
@@ -122,6 +131,15 @@ class OverviewScreen(Screen[None]):
             grid.add_row(label, value)
         summary.update(grid)
         self._fill_table()
+
+    def _loading(self, loading: bool) -> None:
+        """Show the table's loading indicator, or take it away and give the table the keys."""
+        table = self.query_one("#layers", DataTable)
+        if table.loading and not loading:
+            table.loading = False
+            table.focus()
+        else:
+            table.loading = loading
 
     def _fill_table(self) -> None:
         table = self.query_one("#layers", DataTable)
@@ -151,7 +169,7 @@ class OverviewScreen(Screen[None]):
 
     @on(Input.Changed, "#layer-filter")
     def _filter_changed(self) -> None:
-        if self.app.session.info is not None:
+        if self.app.session.rows():
             self._fill_table()
 
     @on(Input.Submitted, "#layer-filter")

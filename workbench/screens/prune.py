@@ -1,5 +1,6 @@
-"""Prune controls: the settings form (validated by the engine as you type), a run with
-progress, before/after cost with the equivalence check, and saving the result."""
+"""Prune controls: the settings form (validated by the engine as you type, TMI-GKP's snapshot
+folder included) with the data field, a run that names each phase with its own progress and
+time, before/after cost with the equivalence check, and saving the result."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import (
     Button,
@@ -24,8 +25,12 @@ from textual.widgets import (
     Static,
 )
 
-from engine.common.errors import ConfigError
+from engine.common.errors import ConfigError, WorkbenchError
+from engine.common.progress import DONE, FAILED, PENDING, RUNNING, SKIPPED, PhaseState
+from engine.formats.listing import epoch_ranges, snapshot_epochs
 
+from ..data_field import DataField
+from ..jobs import CANCELLED
 from ..model_view import human_count
 from ..prune_form import DEFAULT_CHOICE, FIELDS, FormField, apply_form, field_text
 
@@ -38,8 +43,45 @@ if TYPE_CHECKING:
 EQUIVALENCE_TOLERANCE = 1e-4  # max |Δ| between the deployed and the masked dense model
 
 
+PHASE_MARKS = {DONE: ("✓", "green"), RUNNING: ("▶", "bold cyan"), FAILED: ("✗", "bold red"), SKIPPED: ("–", "dim")}
+
+
 def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "—"
+
+
+def snapshot_check(config: "RunConfig") -> tuple[bool, str]:
+    """Whether TMI-GKP's snapshots are usable for this config, and a line saying what was found
+    (nothing to say when the grouping needs none)."""
+    if config.prune.resolved_grouping != "tmi":
+        return True, ""
+    if not config.model.snapshots:
+        return False, "TMI-GKP needs training snapshots: set Snapshots to a folder of per-epoch checkpoints"
+    try:
+        epochs = snapshot_epochs(config.model.snapshots, tuple(config.prune.ticket_window), config.prune.ticket_step)
+    except WorkbenchError as exc:
+        return False, f"Snapshots: {exc}"
+    return True, f"snapshots: {len(epochs)} ticket epochs ({epoch_ranges(epochs)})"
+
+
+def phase_lines(phases: tuple[PhaseState, ...], cancelled: bool = False) -> Text:
+    """One line per phase: mark, name, time, its own progress while running, why it failed."""
+    text = Text()
+    for state in phases:
+        mark, style = PHASE_MARKS.get(state.status, ("·", "dim"))
+        if cancelled and state.status in (FAILED, RUNNING):
+            mark, style = "■", "yellow"
+        line = Text.assemble((f"{mark} ", style), f"{state.name:<12}")
+        if state.status != PENDING:
+            line.append(f"{state.seconds:6.1f} s")
+        if state.status == RUNNING and state.fraction:
+            line.append(f"  {state.fraction:4.0%}")
+        if state.note and not cancelled:
+            line.append(f"  {state.note}", style="red" if state.status == FAILED else "dim")
+        text.append_text(line)
+        text.append("\n")
+    text.rstrip()
+    return text
 
 
 def _timing(times: "RoundTimes") -> str:
@@ -65,13 +107,15 @@ class PruneScreen(Screen[None]):
                     with Horizontal(classes="form-row"):
                         yield Label(field.label, classes="form-label")
                         yield self._field_widget(field)
+                yield DataField(id="prune-data")
                 yield Static(id="form-status")
-            with Vertical(id="prune-results"):
+            with VerticalScroll(id="prune-results"):
                 with Horizontal(classes="button-row"):
                     yield Button("Run ^r", id="prune-run", variant="primary", compact=True)
                     yield Button("Cancel ^g", id="prune-cancel", compact=True)
                 yield ProgressBar(id="prune-progress", show_eta=False)
                 yield Static(id="prune-status")
+                yield Static(id="prune-phases")
                 table: DataTable[str] = DataTable(id="prune-metrics", cursor_type="none")
                 table.add_columns("", "before", "after", "change")
                 yield table
@@ -95,6 +139,7 @@ class PruneScreen(Screen[None]):
         self.query_one("#save-path", Input).value = self.app.default_save_path()
         self.watch(self.app, "session_revision", self._session_changed)
         self.watch(self.app, "jobs_revision", self.refresh_progress)
+        self.watch(self.app, "clock", self.refresh_progress)
 
     def _session_changed(self, _revision: int = 0) -> None:
         self._check_form()
@@ -112,7 +157,7 @@ class PruneScreen(Screen[None]):
         """The config with the form applied; `ConfigError` for the first bad field."""
         return apply_form(self.app.config, self.form_texts())
 
-    @on(Input.Changed, "#prune-form Input")
+    @on(Input.Changed, "#prune-form .form-row Input")
     @on(Select.Changed, "#prune-form Select")
     def _check_form(self) -> None:
         status = self.query_one("#form-status", Static)
@@ -121,13 +166,18 @@ class PruneScreen(Screen[None]):
         except ConfigError as exc:
             status.update(Text(str(exc), style="bold red"))
             return
+        usable, snapshots = snapshot_check(config)
+        if not usable:
+            status.update(Text(f"✗ {snapshots}", style="bold red"))
+            return
         ws = self.app.session.workspace
+        extra = f"\n{snapshots}" if snapshots else ""
         if ws is None:
-            status.update(Text("settings are valid", style="green"))
+            status.update(Text(f"settings are valid{extra}", style="green"))
             return
         layers = dataclasses.replace(ws, config=config).layers()
         eligible = [layer for layer in layers if layer.eligible]
-        status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs will be pruned", style="green"))
+        status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs will be pruned{extra}", style="green"))
 
     @on(Button.Pressed, "#prune-run")
     def action_run(self) -> None:
@@ -135,6 +185,10 @@ class PruneScreen(Screen[None]):
             config = self.form_config()
         except ConfigError as exc:
             self.notify(str(exc), title="Prune settings", severity="error")
+            return
+        usable, snapshots = snapshot_check(config)
+        if not usable:
+            self.notify(snapshots, title="Prune settings", severity="error")
             return
         self.app.start_prune(config)
 
@@ -147,18 +201,24 @@ class PruneScreen(Screen[None]):
         self.app.start_save(self.query_one("#save-path", Input).value)
 
     def refresh_progress(self, _revision: int = 0) -> None:
+        """The latest prune job: its state and time, an overall bar while it runs (gone once it
+        stops, whatever the reason), and every phase with its own progress and time."""
         job = self.app.latest_job("prune")
         bar = self.query_one("#prune-progress", ProgressBar)
         status = self.query_one("#prune-status", Static)
-        bar.display = job is not None
+        phases = self.query_one("#prune-phases", Static)
+        bar.display = job is not None and job.active
         if job is None:
             status.update("Not pruned yet: set the method and rate, then run (^r).")
+            phases.update("")
             return
-        progress = job.progress
-        if progress is not None and progress.total:
-            bar.update(total=progress.total, progress=progress.done)
-        where = f" · {progress.message}" if progress is not None and progress.message else ""
-        status.update(f"{job.label}: {job.status} ({job.seconds:.1f} s){where}" + (f" — {job.error}" if job.error else ""))
+        if job.active:
+            bar.update(total=1.0, progress=job.fraction or 0.0)
+        state = Text.assemble(f"{job.label}: ", (job.status, "bold red" if job.error else ""), f" ({job.seconds:.1f} s)")
+        if job.error:
+            state.append(f" — {job.error}", style="red")
+        status.update(state)
+        phases.update(phase_lines(job.phases, cancelled=job.status == CANCELLED))
 
     def refresh_results(self) -> None:
         outcome = self.app.session.outcome
@@ -174,7 +234,7 @@ class PruneScreen(Screen[None]):
         original, pruned = outcome.latency["original"], outcome.latency["pruned"]
         verdict = outcome.latency_verdict
         table.add_row(
-            f"latency ms (batch {outcome.latency_batch})", _timing(original), _timing(pruned),
+            f"ms (batch {outcome.latency_batch})", _timing(original), _timing(pruned),
             verdict if verdict == "within noise" else _change(original.median_ms, pruned.median_ms),
         )
         accuracy = outcome.accuracy
