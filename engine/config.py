@@ -15,12 +15,15 @@ import tomli_w
 from .common.checks import MAX_SEED, flag, one_of, texts, whole, wholes, within
 from .common.devices import check_device
 from .common.errors import ConfigError
+from .adasap.adasap_config import SharpnessConfig, WarmupConfig
 from .common.fileio import write_text_atomic
 from .gkp.prune_config import PruneConfig
+from .itp.itp_config import ItpConfig
 from .robustness.attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
 from .training.finetune_config import FinetuneConfig
 
-STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
+STAGES: tuple[str, ...] = ("warmup", "prune", "finetune", "evaluate")
+DEFAULT_STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
 DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
 MAX_IMAGE_SIZE = 1024
 MAX_LATENCY_BATCH = 1024
@@ -93,7 +96,7 @@ class EvaluateSection:
 class RunSection:
     """Which stages run, on which device, with which seed (also the prune and fine-tune seed)."""
 
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     device: str = "auto"
     seed: int = 0
 
@@ -116,9 +119,12 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    itp: ItpConfig = field(default_factory=ItpConfig)
     deploy: DeploySection = field(default_factory=DeploySection)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def validate(self) -> None:
@@ -127,6 +133,21 @@ class RunConfig:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+
+    @property
+    def adasap(self) -> bool:
+        """Whether this is an AdaSAP run (it has a warmup stage)."""
+        return "warmup" in self.run.stages
+
+    def finetune_settings(self) -> FinetuneConfig:
+        """The fine-tune stage's settings: `[finetune]`, except that an AdaSAP run's robustness
+        phase (SPEC §9, `warmup.robust_finetune`) is ASAM at `warmup.robust_rho`."""
+        if self.adasap and self.warmup.robust_finetune:
+            return dataclasses.replace(self.finetune, mode="asam", sam_rho=self.warmup.robust_rho)
+        return self.finetune
+
+    def measures_sharpness(self) -> bool:
+        return self.sharpness.when == "always" or (self.sharpness.when == "adasap" and self.adasap)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}

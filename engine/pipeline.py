@@ -1,8 +1,10 @@
-"""The one pipeline behind batch mode and the TUI: open a model, prune it, deploy it, fine-tune
-it, evaluate it. Each stage is a plain function taking a progress callback and a cancel event."""
+"""The one pipeline behind batch mode and the TUI: open a model, warm it up (AdaSAP), prune it
+(GKP, in-train pruning, L1 filters; progressively after a warmup), deploy it, fine-tune it,
+evaluate it. Each stage is a plain function taking a progress callback and a cancel event."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adasap.phases import PhaseOutcome, run_progressive, run_warmup
+from .adasap.sharpness import Sharpness, sharpness
+from .baselines.filter_pruning import filter_plan
 from .common.distributed import DistContext
 from .common.errors import ConfigError, SnapshotError
 from .common.progress import ProgressCallback, check_cancel
@@ -31,11 +36,13 @@ from .gkp.reconstruct import (
     equivalence_error,
     masked_dense,
 )
-from .gkp.traces import TraceEvent
+from .gkp.traces import SharpnessMeasured, TraceEvent
+from .itp.trainer import ItpOutcome, itp_setup, run_itp
 from .models.latency import compare_latency
 from .models.metrics import ModelCost, count_cost
 from .models.normalization import Normalization, parse_normalization
 from .models.normalize_layer import Normalize
+from .models.surgery import filter_chains
 from .robustness.attacks import RobustnessReport, parse_attack
 from .robustness.probes import (
     CorruptionReport,
@@ -111,7 +118,7 @@ def open_workspace(config: RunConfig) -> Workspace:
         norm, source = override, "set by the user"
     elif checkpoint.normalization is not None:
         norm, source = checkpoint.normalization, "stored in the checkpoint"
-    elif {"finetune", "evaluate"} & set(config.run.stages):
+    elif {"warmup", "finetune", "evaluate"} & set(config.run.stages) or trains_to_prune(config):
         raise ConfigError(
             f"{path.name} does not record its input normalisation; pass --normalize "
             "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
@@ -121,6 +128,31 @@ def open_workspace(config: RunConfig) -> Workspace:
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
     return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
+
+
+def trains_to_prune(config: RunConfig) -> bool:
+    """Whether the prune stage trains (in-train pruning, or AdaSAP's progressive pruning)."""
+    return "prune" in config.run.stages and (config.prune.method == "itp" or progressive(config))
+
+
+def progressive(config: RunConfig) -> bool:
+    """Whether pruning follows AdaSAP's progressive schedule: a run with a warmup stage, pruning
+    epochs, and a method that plans after training (in-train pruning is its own schedule)."""
+    return config.adasap and config.warmup.pruning_epochs > 0 and config.prune.method != "itp"
+
+
+def check_prune_input(ws: Workspace) -> None:
+    """Fail before any work when the configured method cannot prune this model: no eligible
+    layer, an architecture L1 filter pruning does not know, or missing TMI snapshots."""
+    method = ws.config.prune.method
+    if method == "l1-filter":
+        filter_chains(ws.model)
+    elif method == "itp":
+        itp_setup(ws.model, ws.config.prune, ws.config.itp, ws.input_shape)
+    else:
+        check_prunable(ws)
+    if needs_snapshots(ws.config):
+        load_ticket_snapshots(ws)
 
 
 def check_prunable(ws: Workspace) -> None:
@@ -156,7 +188,10 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
 @dataclass
 class PruneOutcome:
     """A pruned model (grouped form: the one to train and save), its deployed form, and the
-    measurements that show what pruning did."""
+    measurements that show what pruning did. `effective_macs` counts only the MACs of weights
+    that are kept (for zeroed-weight masks less than the deployed model computes); `details`
+    holds what a method adds to the report (in-train pruning's masks, the L1 ratio, AdaSAP's
+    progressive schedule)."""
 
     plan: PrunePlan
     model: nn.Module
@@ -168,28 +203,100 @@ class PruneOutcome:
     latency_ms: dict[str, float]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
+    effective_macs: int | None = None
+    target_macs: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def method_plan(ws: Workspace, model: nn.Module, rate: float, *, snapshots: dict[int, dict[str, torch.Tensor]] | None,
+                on_event: Callable[[TraceEvent], None] | None = None, progress: ProgressCallback | None = None,
+                cancel: threading.Event | None = None) -> PrunePlan:
+    """The plan the configured method (GKP or L1 filters) makes of `model`'s current weights at `rate`."""
+    config = dataclasses.replace(ws.config.prune, rate=rate)
+    arch = ws.checkpoint.arch.to_dict()
+    if config.method == "l1-filter":
+        return filter_plan(model, config, ws.input_shape, arch)[0]
+    return plan_pruning(model, config, snapshots=snapshots, arch=arch, on_event=on_event, progress=progress,
+                        cancel=cancel)
 
 
 def prune(
     ws: Workspace,
     *,
+    model: nn.Module | None = None,
+    out_dir: Path | None = None,
+    resume: bool = False,
     on_event: Callable[[TraceEvent], None] | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> PruneOutcome:
-    """Plan the pruning with the configured method, rebuild the model in grouped and deployed
-    form, and check both against the masked dense model on a real test batch."""
+    """Prune `model` (default: the opened one) with the configured method — planned once, trained
+    with masks (in-train pruning), or on AdaSAP's progressive schedule after a warmup — rebuild it
+    in grouped and deployed form, and check both against the masked dense model on a real test
+    batch. Methods that train keep `last.pt` in `out_dir` and `resume` from it."""
     config = ws.config
-    check_prunable(ws)
+    source = ws.model if model is None else model
+    check_prune_input(ws)
     snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
     start = time.perf_counter()
-    plan = plan_pruning(
-        ws.model, config.prune, snapshots=snapshots, arch=ws.checkpoint.arch.to_dict(),
-        on_event=on_event, progress=progress, cancel=cancel,
-    )
+    details: dict[str, Any] = {}
+    effective = target = None
+    if config.prune.method == "itp":
+        itp = run_itp(source, ws.data, ws.normalization, config.prune, config.itp, config.finetune, ws.input_shape,
+                      out_dir, resume=resume, arch=ws.checkpoint.arch.to_dict(), progress=progress, cancel=cancel,
+                      ctx=ws.ctx)
+        source, plan, events = itp.model, itp.plan, itp.events
+        details, effective, target = {"itp": itp_section(itp)}, itp.effective_macs, itp_target_macs(itp)
+    elif progressive(config):
+        phase = prune_progressively(ws, source, snapshots, out_dir, resume=resume, progress=progress, cancel=cancel)
+        assert phase.plan is not None
+        source, plan, events = phase.model, phase.plan, phase.events
+        details = {"progressive": {"steps": max((e.steps for e in events if e.kind == "progressive_prune"), default=0),
+                                   "pruning_epochs": config.warmup.pruning_epochs,
+                                   "prune_frequency": config.warmup.prune_frequency,
+                                   "training": phase.training.to_dict()}}
+    else:
+        events = []
+        plan = method_plan(ws, source, config.prune.rate, snapshots=snapshots, on_event=on_event, progress=progress,
+                           cancel=cancel)
+    if on_event is not None:
+        for event in events:
+            on_event(event)
+    if plan.method == "l1-filter":
+        target = int(plan.params["target_macs"])
     seconds = time.perf_counter() - start
     check_cancel(cancel)
-    original = ws.model.to(ws.device).eval()
+    outcome = deployed_outcome(ws, source, plan, seconds, cancel)
+    outcome.details, outcome.target_macs = details, target
+    outcome.effective_macs = outcome.cost_after.macs if effective is None else effective
+    return outcome
+
+
+def prune_progressively(ws: Workspace, model: nn.Module, snapshots: dict[int, dict[str, torch.Tensor]] | None,
+                        out_dir: Path | None, *, resume: bool = False, progress: ProgressCallback | None = None,
+                        cancel: threading.Event | None = None) -> PhaseOutcome:
+    """AdaSAP phase 2: adaptive steps while the configured method re-plans on the exponential
+    schedule (SPEC §9); the last step's plan is the result."""
+    config = ws.config
+
+    def replan(current: nn.Module, rate: float, final: bool) -> tuple[PrunePlan, list[TraceEvent]]:
+        events: list[TraceEvent] = []
+        plan = method_plan(ws, current, rate, snapshots=snapshots, on_event=events.append if final else None,
+                           cancel=cancel)
+        return plan, events
+
+    return run_progressive(model, ws.data, ws.normalization, config.warmup, config.finetune, config.prune.rate,
+                           config.prune.method, replan, out_dir, resume=resume, progress=progress, cancel=cancel,
+                           ctx=ws.ctx)
+
+
+def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds: float,
+                     cancel: threading.Event | None = None) -> PruneOutcome:
+    """`source` pruned by `plan` in grouped and deployed form, checked against its masked dense
+    form, with costs and latency against the opened model."""
+    config = ws.config
+    reference = ws.model.to(ws.device).eval()
+    original = source.to(ws.device).eval()
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
     latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -202,7 +309,7 @@ def prune(
     masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
     check_cancel(cancel)
-    timing = compare_latency({"original": original, "pruned": deployed}, latency_input, device=ws.device)
+    timing = compare_latency({"original": reference, "pruned": deployed}, latency_input, device=ws.device)
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(
         plan=plan,
@@ -216,6 +323,68 @@ def prune(
         latency_batch=size,
         deploy=deploy_summary(deployed),
     )
+
+
+def itp_target_macs(itp: ItpOutcome) -> int | None:
+    """The whole-model MACs ψ* means (its masked layers at `1 − rate` of their MACs); None when
+    the hardware loss is on params."""
+    if itp.plan.params.get("itp_cost") != "macs":
+        return None
+    masked = sum(c.macs for c in itp.setup.costs.values())
+    return round(itp.setup.whole_macs - masked + itp.setup.target * masked)
+
+
+def itp_section(itp: ItpOutcome) -> dict[str, Any]:
+    """What in-train pruning adds to the report's prune section."""
+    freeze = itp.freeze
+    return {
+        "granularity": itp.plan.params["granularity"],
+        "cost": itp.plan.params["itp_cost"],
+        "target_complexity": itp.setup.target,
+        "learned_complexity": freeze.learned,
+        "achieved_complexity": freeze.achieved,
+        "relative_error": freeze.relative_error,
+        "target_met": freeze.target_met,
+        "completed_off": freeze.completed_off,
+        "completed_on": freeze.completed_on,
+        "effective_params": itp.effective_params,
+        "masked_layers": len(itp.setup.names),
+        "training": itp.training.to_dict(),
+    }
+
+
+def warmup(
+    ws: Workspace,
+    out_dir: Path | None,
+    *,
+    model: nn.Module | None = None,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> PhaseOutcome:
+    """AdaSAP's warmup (SPEC §9) on a copy of `model` (default: the opened one)."""
+    return run_warmup(ws.model if model is None else model, ws.data, ws.normalization, ws.config.warmup,
+                      ws.config.finetune, out_dir, resume=resume, progress=progress, cancel=cancel, ctx=ws.ctx)
+
+
+def warmup_section(ws: Workspace, outcome: PhaseOutcome) -> dict[str, Any]:
+    """The `warmup` section of the report."""
+    w = ws.config.warmup
+    return {
+        "epochs": w.epochs, "rho_min": w.rho_min, "rho_max": w.rho_max, "importance": w.importance,
+        "lr": ws.config.finetune.lr, "schedule": "constant", **outcome.training.to_dict(),
+    }
+
+
+def measure_sharpness(ws: Workspace, model: nn.Module, when: str, *, cancel: threading.Event | None = None,
+                      on_event: Callable[[TraceEvent], None] | None = None) -> Sharpness:
+    """The sharpness of `model` at a point of the run (SPEC §9) with the configured estimator."""
+    s = ws.config.sharpness
+    result = sharpness(model, ws.normalization, ws.data.train, rho=s.rho, steps=s.steps, images=s.images,
+                       device=ws.device, cancel=cancel)
+    if on_event is not None:
+        on_event(SharpnessMeasured("", when, result.value, result.loss, result.rho, result.steps, result.images))
+    return result
 
 
 def save_model(ws: Workspace, path: Path, model: nn.Module, plan: PrunePlan | None, metadata: dict[str, Any]) -> None:
@@ -236,7 +405,7 @@ def finetune_model(
     """Fine-tune `model` with the configured settings; best checkpoints are full workbench
     checkpoints, tracked on the validation split."""
     return finetune(
-        model, ws.data, ws.normalization, ws.config.finetune, out_dir, resume=resume,
+        model, ws.data, ws.normalization, ws.config.finetune_settings(), out_dir, resume=resume,
         save_model=lambda path, m, meta: save_model(ws, path, m, plan, meta),
         progress=progress, cancel=cancel, ctx=ws.ctx,
     )
@@ -261,6 +430,7 @@ class Evaluation:
             "images_per_second": report.images_per_second,
             "frequency": None if self.frequency is None else self.frequency.to_dict(),
             "corruption": None if self.corruption is None else self.corruption.to_dict(),
+            "relative_robustness": None if self.corruption is None else self.corruption.robustness_ratio,
         }
 
 
@@ -300,7 +470,7 @@ def evaluate(
 
 def needs_snapshots(config: RunConfig) -> bool:
     """Whether the configured grouping is TMI-driven and so needs training snapshots."""
-    return config.prune.resolved_grouping == "tmi"
+    return config.prune.method in ("sr-gkp", "tmi-gkp") and config.prune.resolved_grouping == "tmi"
 
 
 def check_evaluation_config(config: RunConfig) -> None:
@@ -314,12 +484,30 @@ def plan_of(checkpoint: LoadedCheckpoint) -> PrunePlan | None:
     return None if checkpoint.plan is None else PrunePlan.from_dict(checkpoint.plan)
 
 
+def _plan_layers(plan: PrunePlan) -> list[dict[str, Any]]:
+    """Per pruned layer what it keeps: grouped kernels, masked weights, or filters."""
+    rows: list[dict[str, Any]] = [
+        {"name": l.name, "in_channels": l.in_channels, "out_channels": l.out_channels,
+         "kept": l.kept, "achieved_ratio": l.achieved_ratio}
+        for l in plan.layers
+    ]
+    rows += [{"name": m.name, "granularity": m.granularity, "kept": m.kept, "achieved_ratio": m.pruned_share}
+             for m in plan.masks]
+    rows += [{"name": f.name, "out_channels": f.out_channels, "kept": len(f.kept),
+              "achieved_ratio": 1 - len(f.kept) / f.out_channels} for f in plan.filters]
+    return rows
+
+
 def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
-    """The `prune` and `deploy` sections of the report."""
+    """The `prune` and `deploy` sections of the report. `macs_after` counts the MACs of kept
+    weights (`macs_deployed`, what the deployed model's convs compute, is larger for zeroed-weight
+    masks and for channel masks whose producers keep their outputs)."""
     plan, before, after = outcome.plan, outcome.cost_before, outcome.cost_after
+    macs_after = after.macs if outcome.effective_macs is None else outcome.effective_macs
     return {
         "prune": {
             "method": plan.method,
+            "granularity": plan.params.get("granularity"),
             "grouping": plan.params.get("grouping"),
             "selection": plan.params.get("selection"),
             "rate": plan.params.get("rate"),
@@ -329,16 +517,15 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "params_after": after.params,
             "params_reduction": 1 - after.params / before.params,
             "macs_before": before.macs,
-            "macs_after": after.macs,
-            "macs_reduction": 1 - after.macs / before.macs,
+            "target_macs": outcome.target_macs,
+            "macs_after": macs_after,
+            "macs_deployed": after.macs,
+            "macs_reduction": 1 - macs_after / before.macs,
             "seconds": outcome.seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
-            "layers": [
-                {"name": l.name, "in_channels": l.in_channels, "out_channels": l.out_channels,
-                 "kept": l.kept, "achieved_ratio": l.achieved_ratio}
-                for l in plan.layers
-            ],
+            "layers": _plan_layers(plan),
             "layers_skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
+            **outcome.details,
         },
         "deploy": {
             "form": outcome.deploy.get("form"),
@@ -351,12 +538,15 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
 
 def finetune_section(ws: Workspace, result: FinetuneResult) -> dict[str, Any]:
     """The `finetune` section of the report: the settings that matter most, then the result."""
-    config = ws.config.finetune
+    config = ws.config.finetune_settings()
     images = sum(r.images_per_second * r.seconds for r in result.history)
     train_seconds = sum(r.seconds for r in result.history)
     return {
         "epochs": config.epochs,
         "mode": config.mode,
+        "rho": config.resolved_rho() if config.mode in ("sam", "asam") else None,
+        "sam_partition": config.sam_partition if config.mode in ("sam", "asam") else None,
+        "adasap_robustness": ws.config.adasap and ws.config.warmup.robust_finetune,
         "lr": config.lr,
         "schedule": config.schedule,
         "batch_size": config.batch_size,

@@ -25,6 +25,7 @@ from engine.common.fileio import AtomicJsonLines, write_json_atomic
 from engine.common.progress import Progress, ProgressCallback
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
+from engine.gkp.traces import read_jsonl, write_jsonl
 from engine.report import build_report
 from sample_models import is_sample, use_sample_when_unset
 
@@ -32,6 +33,7 @@ from .exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
+WARMUP_TRACE = "warmup.jsonl"
 log = logging.getLogger("gkp-workbench")
 
 
@@ -139,9 +141,7 @@ def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progre
     ws = pipeline.open_workspace(config)
     try:
         if "prune" in config.run.stages and "prune" not in state["completed"]:
-            pipeline.check_prunable(ws)
-            if pipeline.needs_snapshots(config):
-                pipeline.load_ticket_snapshots(ws)  # fail on missing snapshots before writing anything
+            pipeline.check_prune_input(ws)  # no eligible layer, unknown architecture, missing snapshots
         pipeline.check_evaluation_config(config)
         main = ws.ctx.is_main
         if main:
@@ -185,19 +185,48 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     def about(subject: str) -> ProgressCallback | None:
         return None if progress is None else progress.about(subject)
 
+    sharpness: dict[str, Any] = dict(results.get("sharpness", {}))
+
+    def sharpen(when: str, measured: Any, on_event: Any = None) -> dict[str, Any]:
+        """The report's sharpness section, with `when` measured on `measured` if the run measures it."""
+        if config.measures_sharpness():
+            value = pipeline.measure_sharpness(ws, measured, when, cancel=cancel, on_event=on_event)
+            sharpness.update({when: value.value, f"loss_{when}": value.loss, "rho": value.rho,
+                              "steps": value.steps, "images": value.images})
+        return {"sharpness": dict(sharpness)} if sharpness else {}
+
+    if "warmup" in config.run.stages:
+        if "warmup" in state["completed"]:
+            model = load_checkpoint(out / "warmed.pt").model
+        else:
+            resumable = resume and (out / "warmup" / "last.pt").is_file()
+            phase = pipeline.warmup(ws, out / "warmup", resume=resumable, progress=about("model"), cancel=cancel)
+            model = phase.model
+            if main:
+                write_jsonl(out / WARMUP_TRACE, phase.events)
+            save("warmed.pt", "warmup")
+            finish("warmup", {"warmup": pipeline.warmup_section(ws, phase)})
     if "prune" in config.run.stages:
         if "prune" in state["completed"]:
             reopened = load_checkpoint(out / "pruned.pt")
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
+            resumable = resume and (out / "prune" / "last.pt").is_file()
             with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
                 on_event = writer.write if writer is not None else None
-                outcome = pipeline.prune(ws, on_event=on_event, progress=about(ws.checkpoint.path.name), cancel=cancel)
+                if on_event is not None and (out / WARMUP_TRACE).is_file():
+                    for event in read_jsonl(out / WARMUP_TRACE):
+                        on_event(event)
+                sharpen("before_prune", model, on_event)
+                outcome = pipeline.prune(ws, model=model, out_dir=out / "prune", resume=resumable, on_event=on_event,
+                                         progress=about(ws.checkpoint.path.name), cancel=cancel)
+                sharp = sharpen("after_prune", outcome.model, on_event)
             model, plan = outcome.model, outcome.plan
             if main:
                 plan.save(out / "plan.json")
             save("pruned.pt", "prune")
-            finish("prune", pipeline.prune_sections(outcome))
+            _warn_if_off_target(outcome)
+            finish("prune", {**pipeline.prune_sections(outcome), **sharp})
     if "finetune" in config.run.stages:
         if "finetune" in state["completed"]:
             model = load_checkpoint(out / "finetuned.pt").model
@@ -208,7 +237,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
             if not result.completed:
                 raise Cancelled("fine-tuning interrupted")
             save("finetuned.pt", "finetune")
-            finish("finetune", {"finetune": pipeline.finetune_section(ws, result)})
+            finish("finetune", {"finetune": pipeline.finetune_section(ws, result), **sharpen("after_finetune", model)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
         label = _model_label(plan, state["completed"])
         evaluation = pipeline.evaluate(ws, model, progress=about(label), cancel=cancel).to_dict()
@@ -220,6 +249,18 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     if progress is not None:
         progress.end_line()
     return build_report(ws, results, state["completed"])
+
+
+def _warn_if_off_target(outcome: pipeline.PruneOutcome) -> None:
+    """In-train pruning that could not reach its target within the tolerance still yields a
+    valid model: say so on stderr (and in the report's `prune.itp.target_met`)."""
+    itp = outcome.details.get("itp")
+    if itp is not None and not itp["target_met"]:
+        log.warning("in-train pruning missed its target: complexity %.4f vs %.4f", itp["achieved_complexity"],
+                    itp["target_complexity"])
+        print(f"warning: in-train pruning reached complexity {itp['achieved_complexity']:.4f}, "
+              f"{100 * itp['relative_error']:+.2f}% from the target {itp['target_complexity']:.4f} (outside the "
+              "tolerance); the model is saved as it is", file=sys.stderr)
 
 
 def _model_label(plan: Any, completed: list[str]) -> str:
@@ -234,11 +275,18 @@ def summary_table(report: dict[str, Any]) -> str:
     model = report["model"]
     rows.append(("model", f"{model['arch']}"))
     rows.append(("params / MACs", f"{model['params']:,} / {model['macs']:,}"))
+    warm = report.get("warmup")
+    if warm:
+        rows.append(("warmup (AdaSAP)", f"{warm['epochs']} epochs, ρ {warm['rho_min']}–{warm['rho_max']} by "
+                     f"{warm['importance']}, {warm['seconds']:.1f} s"))
     prune = report.get("prune")
     if prune:
-        rows.append(("method", f"{prune['method']} rate {prune['rate']} groups {prune['groups']}"))
+        granularity = f" {prune['granularity']}" if prune.get("granularity") else ""
+        rows.append(("method", f"{prune['method']}{granularity} rate {prune['rate']} groups {prune['groups']}"))
         rows.append(("params after", f"{prune['params_after']:,} ({100 * prune['params_reduction']:.1f}% fewer)"))
         rows.append(("MACs after", f"{prune['macs_after']:,} ({100 * prune['macs_reduction']:.1f}% fewer)"))
+        if prune.get("target_macs"):
+            rows.append(("MAC target", f"{prune['target_macs']:,} ({100 * (prune['macs_after'] / prune['target_macs'] - 1):+.2f}%)"))
         rows.append(("layers pruned / skipped", f"{len(prune['layers'])} / {len(prune['layers_skipped'])}"))
         rows.append(("prune time", f"{prune['seconds']:.2f} s"))
         rows.append(("equivalence max |err|", f"{prune['equivalence_max_abs_err']:.2e}"))
@@ -250,7 +298,13 @@ def summary_table(report: dict[str, Any]) -> str:
     finetune = report.get("finetune")
     if finetune:
         epochs = finetune["epochs"]
-        rows.append(("fine-tune", f"{epochs} epoch{'s' if epochs != 1 else ''}, {finetune['mode']}, {finetune['seconds']:.1f} s"))
+        rho = "" if finetune.get("rho") is None else f" ρ {finetune['rho']:g} ({finetune['sam_partition']})"
+        rows.append(("fine-tune", f"{epochs} epoch{'s' if epochs != 1 else ''}, {finetune['mode']}{rho}, {finetune['seconds']:.1f} s"))
+    sharp = report.get("sharpness")
+    if sharp:
+        points = [f"{when.replace('_', ' ')} {sharp[when]:.4f}" for when in ("before_prune", "after_prune", "after_finetune")
+                  if when in sharp]
+        rows.append((f"sharpness (ρ {sharp['rho']:g})", ", ".join(points)))
     ev = report.get("evaluate")
     if ev:
         base = ev.get("baseline")
@@ -262,7 +316,7 @@ def summary_table(report: dict[str, Any]) -> str:
             rows.append((label, cell(acc, label)))
         if ev.get("corruption"):
             ratio = ev["corruption"]["robustness_ratio"]
-            rows.append(("corruption ratio", "n/a" if ratio is None else f"{ratio:.3f}"))
+            rows.append(("relative robustness R_C", "n/a" if ratio is None else f"{ratio:.3f}"))
         if ev.get("frequency"):
             parts = [f"θ={r['theta']:g}: {100 * r['low_acc']:.1f}/{100 * r['high_acc']:.1f}%" for r in ev["frequency"]["rows"]]
             rows.append(("low/high-pass accuracy", ", ".join(parts)))

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..common.errors import ConfigError
-from ..gkp.layers import kept_count
+from ..gkp.layers import discover_layers, kept_count
+from ..gkp.plan import FilterLayer, PrunePlan, SkippedLayer
+from ..gkp.prune_config import PruneConfig
 from ..models.metrics import count_cost
 from ..models.surgery import filter_chains, remove_filters
 
@@ -131,3 +134,33 @@ def match_macs(model: nn.Module, target_macs: int, input_shape: tuple[int, ...])
 
 def _filters_kept(result: FilterPruneResult) -> int:
     return sum(len(layer.kept) for layer in result.layers)
+
+
+def gkp_macs(model: nn.Module, config: PruneConfig, input_shape: tuple[int, ...]) -> int:
+    """MACs of `model` once GKP at `config`'s rate and groups has pruned it (every eligible conv
+    keeps S of C_in grouped kernels): the target L1 filter pruning is matched to."""
+    layers = discover_layers(model, groups=config.groups, rate=config.rate, compat=config.compat,  # type: ignore[arg-type]
+                             skip_stem=config.skip_stem, include_pointwise=config.include_pointwise,
+                             exclude=config.exclude)
+    cost = count_cost(model, input_shape)
+    removed = sum(cost.layer_macs.get(layer.name, 0) * (1 - layer.kept / layer.in_channels)  # type: ignore[operator]
+                  for layer in layers if layer.eligible)
+    return round(cost.macs - removed)
+
+
+def filter_plan(model: nn.Module, config: PruneConfig, input_shape: tuple[int, ...],
+                arch: dict[str, Any] | None = None) -> tuple[PrunePlan, MacMatch]:
+    """L1-norm filter pruning as a workbench method (`l1-filter`): the uniform filter ratio whose
+    model has the MACs GKP would leave at `config.rate`, as a plan of removed filters."""
+    target = gkp_macs(model, config, input_shape)
+    match = match_macs(model, max(1, target), input_shape)
+    params = {
+        **config.params(), "method": "l1-filter", "grouping": None, "selection": "l1-norm",
+        "filter_ratio": match.result.ratio, "target_macs": match.target_macs,
+        "macs_relative_error": match.relative_error,
+    }
+    chained = {c.conv for c in filter_chains(model)} | {c.reader for c in filter_chains(model)}
+    skipped = [SkippedLayer(name, "L1 filter pruning removes the filters of block-internal convs only")
+               for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name not in chained]
+    filters = [FilterLayer(layer.name, layer.out_channels, list(layer.kept)) for layer in match.result.layers]
+    return PrunePlan("l1-filter", params, [], skipped, arch, filters=filters), match

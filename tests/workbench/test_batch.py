@@ -103,7 +103,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for action in parser_actions:
         assert "".join(action.help.split()) in text
         assert "(default: " in action.help, action.option_strings
-    assert "--method{sr-gkp,tmi-gkp}pruningmethod(default:sr-gkp)" in text
+    assert "--method{sr-gkp,tmi-gkp,itp,l1-filter}pruningmethod(default:sr-gkp)" in text
 
 
 def _printed(events: list[tuple[str, Progress]], tty: bool) -> str:
