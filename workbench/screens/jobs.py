@@ -1,5 +1,5 @@
-"""Jobs: launch fine-tuning and robustness evaluation in the background, follow their progress,
-live training curves, and the attack results of every model side by side."""
+"""Jobs: launch AdaSAP's warmup, fine-tuning and robustness evaluation in the background, follow
+their progress, live training curves, and the attack results of every model side by side."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ STATUS_STYLES = {RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", CANCEL
 JOB_BAR = 10
 PLOT_INTERVAL = 0.5  # seconds between live plot redraws while a job reports progress
 EPOCHS_FIELD = FormField("finetune.epochs", "Epochs", "int")
+WARMUP_FIELD = FormField("warmup.epochs", "Warmup epochs", "int")
 
 
 def accuracy_rows(evaluations: dict[str, "Evaluation"]) -> tuple[list[str], dict[str, list[float]]]:
@@ -69,6 +70,7 @@ class JobsScreen(Screen[None]):
     BINDINGS = [
         Binding("f", "finetune", "Fine-tune"),
         Binding("e", "evaluate", "Evaluate"),
+        Binding("w", "warmup", "AdaSAP warmup"),
         Binding("ctrl+g", "app.cancel_jobs", "Cancel jobs"),
     ]
 
@@ -92,6 +94,8 @@ class JobsScreen(Screen[None]):
             yield Label("mode", classes="inline-label")
             yield Select([(m, m) for m in MODES], value=config.mode, allow_blank=False, id="ft-mode", compact=True)
             yield Input(placeholder="output folder (optional)", id="ft-out", compact=True)
+            yield Button("Warmup w", id="job-warmup", compact=True)
+            yield Input(str(self.app.config.warmup.epochs), id="warmup-epochs", compact=True)
         table: DataTable[Text | str] = DataTable(id="jobs-table", cursor_type="row")
         table.add_columns("#", "job", "status", "progress", "time", "detail")
         yield table
@@ -131,6 +135,15 @@ class JobsScreen(Screen[None]):
     @on(Button.Pressed, "#job-evaluate")
     def action_evaluate(self) -> None:
         self.app.start_evaluate()
+
+    @on(Button.Pressed, "#job-warmup")
+    def action_warmup(self) -> None:
+        try:
+            epochs = parse_field(WARMUP_FIELD, self.query_one("#warmup-epochs", Input).value)
+        except ConfigError as exc:
+            self.notify(str(exc), title="Warmup", severity="error")
+            return
+        self.app.start_warmup(epochs)
 
     @on(Button.Pressed, "#job-cancel")
     def _cancel(self) -> None:

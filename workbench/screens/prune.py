@@ -78,7 +78,7 @@ class PruneScreen(Screen[None]):
     def _field_widget(self, field: FormField) -> Input | Select[str]:
         config = self.app.config
         text = field_text(config, field)
-        if field.kind == "choice":
+        if field.kind in ("choice", "bool"):
             options = [(option, option) for option in field.options]
             if field.optional:
                 options.insert(0, ("(the method's)", DEFAULT_CHOICE))
@@ -119,8 +119,19 @@ class PruneScreen(Screen[None]):
         if ws is None:
             status.update(Text("settings are valid", style="green"))
             return
+        method = config.prune.method
+        if method == "l1-filter":
+            status.update(Text("✓ L1-norm filter pruning, MAC-matched to GKP at this rate", style="green"))
+            return
+        if method == "itp" and config.itp.granularity != "grouped-kernel":
+            config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, groups=1))
         layers = dataclasses.replace(ws, config=config).layers()
         eligible = [layer for layer in layers if layer.eligible]
+        if method == "itp":
+            training = "FastAT" if config.itp.adversarial else "clean"
+            status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs get {config.itp.granularity} masks; "
+                               f"{config.itp.epochs} epochs of {training} training", style="green"))
+            return
         status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs will be pruned", style="green"))
 
     @on(Button.Pressed, "#prune-run")
