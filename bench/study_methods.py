@@ -32,7 +32,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from engine.config import RunConfig
 from engine.models.metrics import count_cost
 from sample_models import use_sample_when_unset
 
-from .study import DOCS, DOCS_DIR, REPO, machine, replace_section
+from .study import DOCS, DOCS_DIR, REPO, _cell, _spread, machine, replace_section
 
 RESULTS = REPO / "bench" / "results" / "study_methods.json"
 SHARED = REPO.parent / "shared"
@@ -198,21 +197,13 @@ def summarize(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for column, _, _ in COLUMNS:
                 values = [u["metrics"][column] for u in mine if u["metrics"].get(column) is not None]
                 if values:
-                    stats[column] = {"mean": statistics.fmean(values),
-                                     "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+                    mean, std = _spread(values)
+                    stats[column] = {"mean": mean, "std": std, "values": values}
             rows.append({"dataset": dataset, "row": row.key, "label": row.label, "seeds": [u["seed"] for u in mine],
                          "macs": statistics.fmean(u["macs"] for u in mine), "params": statistics.fmean(u["params"] for u in mine),
                          "target_macs": mine[0].get("target_macs"), "metrics": stats,
                          "train_seconds": statistics.fmean(u["train_seconds"] for u in mine)})
     return rows
-
-
-def _cell(stat: dict[str, Any] | None, percent: bool) -> str:
-    if stat is None:
-        return "—"
-    scale, digits = (100.0, 1) if percent else (1.0, 3)
-    text = f"{scale * stat['mean']:.{digits}f}"
-    return text if stat["std"] is None else f"{text} ± {scale * stat['std']:.{digits}f}"
 
 
 def render_table(rows: list[dict[str, Any]], dataset: str) -> str:

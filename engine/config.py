@@ -12,10 +12,10 @@ from typing import Any
 
 import tomli_w
 
+from .adasap.adasap_config import SharpnessConfig, WarmupConfig
 from .common.checks import MAX_SEED, flag, one_of, texts, whole, wholes, within
 from .common.devices import check_device
 from .common.errors import ConfigError
-from .adasap.adasap_config import SharpnessConfig, WarmupConfig
 from .common.fileio import write_text_atomic
 from .gkp.prune_config import PruneConfig
 from .itp.itp_config import ItpConfig

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
+from engine.adasap.phases import PhaseOutcome
 from engine.common.errors import WorkbenchError
 from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
 from engine.gkp.plan import PrunePlan
-from engine.adasap.phases import PhaseOutcome
 from engine.gkp.traces import LayerDone, MaskSetup, TraceEvent, read_jsonl, write_jsonl
 from engine.pipeline import (
     Evaluation,

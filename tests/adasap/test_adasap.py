@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from engine.adasap.adaptive import adaptive_rho, filter_importance
 from engine.adasap.adasap_config import WarmupConfig
@@ -18,7 +18,6 @@ from engine.adasap.phases import keep_masks, run_progressive, run_warmup, schedu
 from engine.adasap.sharpness import sharpness
 from engine.common.errors import Cancelled
 from engine.common.progress import Progress
-from engine.data.datasets import load_data
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.traces import ProgressivePrune, RhoEpoch
@@ -27,23 +26,8 @@ from engine.training.finetune_config import FinetuneConfig
 from engine.training.perturbation import neuron_perturbation
 
 
-@pytest.fixture(scope="module")
-def data():
-    bundle = load_data("digits")
-    return dataclasses.replace(bundle, train=Subset(bundle.train, range(96)), val=Subset(bundle.val, range(32)))
-
-
 def training(**changes) -> FinetuneConfig:
     return dataclasses.replace(FinetuneConfig(batch_size=32, device="cpu", eval_max_examples=32), **changes)
-
-
-def tiny_cnn(seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
-    )
 
 
 @pytest.mark.parametrize("kind", ["l2", "taylor"])
@@ -77,7 +61,7 @@ def test_neuron_perturbation_has_radius_rho_per_filter() -> None:
     torch.testing.assert_close(plain.flatten(1).norm(dim=1), expected)
 
 
-def test_sharpness_is_non_negative_and_larger_for_a_sharper_model(data) -> None:
+def test_sharpness_is_non_negative_and_larger_for_a_sharper_model(small_digits: Any, tiny_cnn: Any) -> None:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
     sharper = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
@@ -85,19 +69,19 @@ def test_sharpness_is_non_negative_and_larger_for_a_sharper_model(data) -> None:
     norm = Normalization((0.0,), (1.0,))
     # The same function of the weights, but inputs four times larger: the loss curves four
     # times faster in every weight direction.
-    scaled = dataclasses.replace(data, train=[(4 * x, y) for x, y in (data.train[i] for i in range(64))])
-    flat = sharpness(base, norm, data.train, rho=0.05, steps=3, images=64)
+    scaled = dataclasses.replace(small_digits, train=[(4 * x, y) for x, y in (small_digits.train[i] for i in range(64))])
+    flat = sharpness(base, norm, small_digits.train, rho=0.05, steps=3, images=64)
     sharp = sharpness(sharper, norm, scaled.train, rho=0.05, steps=3, images=64)
     assert 0.0 <= flat.value < sharp.value and flat.images == 64
-    again = sharpness(base, norm, data.train, rho=0.05, steps=3, images=64)
+    again = sharpness(base, norm, small_digits.train, rho=0.05, steps=3, images=64)
     assert again == flat  # deterministic, and the weights are restored
     for a, b in zip(base.parameters(), sharper.parameters()):
         assert torch.equal(a, b)
 
 
-def test_warmup_resumes_bit_for_bit_and_traces_the_radii(data, tmp_path: Path) -> None:
+def test_warmup_resumes_bit_for_bit_and_traces_the_radii(small_digits: Any, tiny_cnn: Any, tmp_path: Path) -> None:
     warmup = WarmupConfig(epochs=3)
-    args = (data, data.normalization, warmup, training())
+    args = (small_digits, small_digits.normalization, warmup, training())
     straight = run_warmup(tiny_cnn(), *args, tmp_path / "a")
     cancel = threading.Event()
 
@@ -115,10 +99,10 @@ def test_warmup_resumes_bit_for_bit_and_traces_the_radii(data, tmp_path: Path) -
     assert len(events) == 3 * 4  # every conv and the linear layer, every epoch
     assert all(e.steps == 3 and e.rho_low == pytest.approx(0.01) and e.rho_high == pytest.approx(2.0) for e in events)
     assert all(e.rho_last[e.least_important] == pytest.approx(2.0) for e in events)
-    plain = run_warmup(tiny_cnn(), data, data.normalization, dataclasses.replace(warmup, epochs=1), training(), None)
+    plain = run_warmup(tiny_cnn(), small_digits, small_digits.normalization, dataclasses.replace(warmup, epochs=1), training(), None)
     standard = tiny_cnn()
     from engine.training.finetune import finetune
-    finetune(standard, data, data.normalization, training(epochs=1, milestones=[]), None)
+    finetune(standard, small_digits, small_digits.normalization, training(epochs=1, milestones=[]), None)
     assert not all(torch.equal(x, y) for x, y in zip(plain.model.state_dict().values(), standard.state_dict().values()))
 
 
@@ -129,7 +113,7 @@ def test_schedule_is_exponential_and_ends_at_the_rate() -> None:
     assert all(k2 / k1 == pytest.approx(kept[0]) for k1, k2 in zip(kept, kept[1:]))  # equal ratios: exponential
 
 
-def test_progressive_pruning_zeroes_what_the_final_plan_drops(data, tmp_path: Path) -> None:
+def test_progressive_pruning_zeroes_what_the_final_plan_drops(small_digits: Any, tiny_cnn: Any, tmp_path: Path) -> None:
     prune = PruneConfig(rate=0.5, groups=4, skip_stem=True)
     warmup = WarmupConfig(pruning_epochs=2, prune_frequency=2)
     rates: list[float] = []
@@ -140,7 +124,7 @@ def test_progressive_pruning_zeroes_what_the_final_plan_drops(data, tmp_path: Pa
         plan = plan_pruning(model, dataclasses.replace(prune, rate=rate), on_event=events.append if final else None)
         return plan, events
 
-    outcome = run_progressive(tiny_cnn(), data, data.normalization, warmup, training(), 0.5, "sr-gkp", replan,
+    outcome = run_progressive(tiny_cnn(), small_digits, small_digits.normalization, warmup, training(), 0.5, "sr-gkp", replan,
                               tmp_path / "p")
     assert len(rates) == 3 and rates[-1] == pytest.approx(0.5) and rates == sorted(rates)  # 6 iterations / 2
     steps = [e for e in outcome.events if isinstance(e, ProgressivePrune)]

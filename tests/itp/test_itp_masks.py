@@ -12,7 +12,12 @@ from torch import nn
 
 from engine.gkp.plan import PrunePlan
 from engine.gkp.prune_config import PruneConfig
-from engine.gkp.reconstruct import apply_plan, equivalence_error, install_plan_structure, masked_dense
+from engine.gkp.reconstruct import (
+    apply_plan,
+    equivalence_error,
+    install_plan_structure,
+    masked_dense,
+)
 from engine.itp.complexity import Complexity, direct_readers, hw_loss, layer_costs
 from engine.itp.freeze import freeze_masks
 from engine.itp.itp_config import ItpConfig

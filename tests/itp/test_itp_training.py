@@ -7,15 +7,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import Subset
 
 from engine.common.errors import ConfigError
 from engine.common.progress import Progress
-from engine.data.datasets import load_data
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.reconstruct import apply_plan, equivalence_error, masked_dense
@@ -27,21 +25,15 @@ from engine.training.finetune_config import FinetuneConfig
 from sample_models import SAMPLE_CHECKPOINT
 
 
-@pytest.fixture(scope="module")
-def data():
-    bundle = load_data("digits")
-    return dataclasses.replace(bundle, train=Subset(bundle.train, range(128)), val=Subset(bundle.val, range(32)))
-
-
 def training(**changes) -> FinetuneConfig:
     return dataclasses.replace(FinetuneConfig(batch_size=32, device="cpu", eval_max_examples=32), **changes)
 
 
-def test_itp_on_the_sample_reaches_its_mac_target(data) -> None:
+def test_itp_on_the_sample_reaches_its_mac_target(small_digits: Any, tiny_cnn: Any) -> None:
     sample = load_checkpoint(SAMPLE_CHECKPOINT)
     shape = (1, 1, 32, 32)
     itp = ItpConfig(epochs=2, prune_start=1, prune_end=1, hw_weight=2e5)
-    outcome = run_itp(sample.model, data, sample.normalization, PruneConfig(), itp, training(), shape, None)
+    outcome = run_itp(sample.model, small_digits, sample.normalization, PruneConfig(), itp, training(), shape, None)
     masked = sum(c.macs for c in outcome.setup.costs.values())
     target = outcome.setup.whole_macs - (1 - outcome.setup.target) * masked
     grouped = apply_plan(outcome.model, outcome.plan, form="grouped")
@@ -49,7 +41,7 @@ def test_itp_on_the_sample_reaches_its_mac_target(data) -> None:
     assert abs(deployed_macs - target) / target <= 0.02
     assert outcome.effective_macs == pytest.approx(deployed_macs, rel=1e-6)
     assert outcome.freeze.target_met and outcome.freeze.learned < 0.95  # the hardware loss turned masks off
-    x = torch.stack([data.val[i][0] for i in range(8)])
+    x = torch.stack([small_digits.val[i][0] for i in range(8)])
     assert equivalence_error(grouped, masked_dense(outcome.model, outcome.plan), x) <= 1e-5
     assert outcome.plan.method == "itp" and outcome.plan.params["granularity"] == "grouped-kernel"
     kinds = [e.kind for e in outcome.events]
@@ -62,20 +54,11 @@ def test_itp_on_the_sample_reaches_its_mac_target(data) -> None:
                for e in outcome.events if isinstance(e, MaskEpoch) and e.epoch == 2)
 
 
-def tiny_cnn(seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
-    )
-
-
 @pytest.mark.parametrize("granularity", ["grouped-kernel", "kernel"])
-def test_resume_after_interrupt_equals_an_uninterrupted_run(data, tmp_path: Path, granularity: str) -> None:
+def test_resume_after_interrupt_equals_an_uninterrupted_run(small_digits: Any, tiny_cnn: Any, tmp_path: Path, granularity: str) -> None:
     prune = PruneConfig(rate=0.5, groups=4)
     itp = ItpConfig(granularity=granularity, epochs=3, prune_start=1, prune_end=2, hw_weight=3e3)
-    args = (data, data.normalization, prune, itp, training(epochs=3), (1, 1, 32, 32))
+    args = (small_digits, small_digits.normalization, prune, itp, training(epochs=3), (1, 1, 32, 32))
     straight = run_itp(tiny_cnn(), *args, tmp_path / "a")
 
     cancel = threading.Event()

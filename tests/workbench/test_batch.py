@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.common.progress import Progress
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.plan import PrunePlan
-from engine.common.progress import Progress
 from workbench import batch
 from workbench.cli import build_parser, main
 

@@ -4,16 +4,12 @@ steps and sharpness read as steps."""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import Subset
 
 from engine.adasap.adasap_config import WarmupConfig
 from engine.adasap.phases import run_warmup
-from engine.data.datasets import load_data
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.traces import MODEL, MaskEpoch, SharpnessMeasured, TraceEvent
 from engine.itp.itp_config import ItpConfig
@@ -21,29 +17,13 @@ from engine.itp.trainer import run_itp
 from engine.training.finetune_config import FinetuneConfig
 from workbench.replay import LayerReplay
 
-
-@pytest.fixture(scope="module")
-def data():
-    bundle = load_data("digits")
-    return dataclasses.replace(bundle, train=Subset(bundle.train, range(64)), val=Subset(bundle.val, range(16)))
-
-
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
-        nn.Linear(16 * 8 * 8, 10),
-    )
-
-
 TRAINING = FinetuneConfig(batch_size=32, device="cpu", eval_max_examples=16)
 
 
 @pytest.mark.parametrize(("granularity", "b"), [("grouped-kernel", 2e4), ("kernel", 1e5)])
-def test_mask_evolution_replay_ends_in_the_plan(data, granularity: str, b: float) -> None:
+def test_mask_evolution_replay_ends_in_the_plan(small_digits: Any, tiny_cnn: Any, granularity: str, b: float) -> None:
     itp = ItpConfig(granularity=granularity, epochs=3, prune_start=1, prune_end=2, hw_weight=b, adversarial=False)
-    outcome = run_itp(tiny_cnn(), data, data.normalization, PruneConfig(rate=0.5, groups=4), itp,
+    outcome = run_itp(tiny_cnn(), small_digits, small_digits.normalization, PruneConfig(rate=0.5, groups=4), itp,
                       TRAINING, (1, 1, 32, 32), None)
     events = [e for e in outcome.events if e.layer == "3"]
     replay = LayerReplay(events)
@@ -67,8 +47,8 @@ def test_mask_evolution_replay_ends_in_the_plan(data, granularity: str, b: float
             assert marked >= 1 and step.decision
 
 
-def test_adasap_steps_read_as_decisions(data) -> None:
-    phase = run_warmup(tiny_cnn(), data, data.normalization, WarmupConfig(epochs=1), TRAINING, None)
+def test_adasap_steps_read_as_decisions(small_digits: Any, tiny_cnn: Any) -> None:
+    phase = run_warmup(tiny_cnn(), small_digits, small_digits.normalization, WarmupConfig(epochs=1), TRAINING, None)
     sharp = SharpnessMeasured(MODEL, "before_prune", 0.25, 0.1, 0.05, 5, 64)
     events: list[TraceEvent] = [*phase.events, sharp]
     replay = LayerReplay([e for e in events if e.layer in ("3", MODEL)])
