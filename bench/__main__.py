@@ -1,7 +1,7 @@
 """`python -m bench` (what `make bench` runs): every benchmark in a fixed order, each printing its
 table and writing JSON under bench/results/ (git-ignored), then a summary of what ran and how long.
 
-    python -m bench [--quick | --full] [--steps prune,deploy,attacks,tui,methods,study] [--docs]
+    python -m bench [--quick | --full] [--steps prune,deploy,attacks,finetune,tui,methods,study] [--docs]
 
 Order and what --quick (default; 11-14 min measured on 2 shared cores) and --full run:
 
@@ -15,11 +15,14 @@ Order and what --quick (default; 11-14 min measured on 2 shared cores) and --ful
             batch 8. On a GPU machine the same matrix runs again on the GPU.
 3. attacks  attack-evaluation throughput (bench/attack_throughput.py): clean, FGSM, PGD-3 and the
             default suite on ResNet-20 at 32 px, CPU and GPU when present. Full uses 4x the images.
-4. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
-5. methods  training throughput of standard, fastat, asam, AdaSAP warmup and in-train pruning
+4. finetune fine-tune throughput (bench/finetune_throughput.py): standard, fastat and asam next to
+            a plain PyTorch loop on a pruned ResNet-20, interleaved, CPU and GPU when present. Full
+            uses 5 rounds and 5x the CPU images.
+5. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
+6. methods  training throughput of standard, fastat, asam, AdaSAP warmup and in-train pruning
             epochs on the sample, interleaved (bench/method_throughput.py): quick 5 rounds of
             512 images, full 10 rounds.
-6. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
+7. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
             5 seeds x 20 epochs.
 
 Not in the default set (about two hours on 2 cores): `--steps study-methods`, the study's rows
@@ -49,6 +52,7 @@ from engine.common.fileio import write_json_atomic
 from . import (
     attack_throughput,
     deploy_latency,
+    finetune_throughput,
     method_throughput,
     prune_speed,
     study,
@@ -58,7 +62,7 @@ from . import (
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 BENCH_DOC = HERE.parent / "docs" / "BENCH.md"
-STEPS = ("prune", "deploy", "attacks", "tui", "methods", "study", "study-methods")
+STEPS = ("prune", "deploy", "attacks", "finetune", "tui", "methods", "study", "study-methods")
 DEFAULT_STEPS = tuple(s for s in STEPS if s != "study-methods")
 QUICK_PRUNE_CASES = [
     *(f"{m}:{n}" for m in ("sr-gkp", "tmi-gkp") for n in prune_speed.GRID_MODELS if (m, n) != ("tmi-gkp", "resnet50")),
@@ -94,6 +98,10 @@ def step_attacks(full: bool, docs: bool) -> dict[str, Any]:
     return attack_throughput.main(["--images", "1024", "--gpu-images", "16384"] if full else [])
 
 
+def step_finetune(full: bool, docs: bool) -> dict[str, Any]:
+    return finetune_throughput.main(["--images", "1920", "--rounds", "5"] if full else [])
+
+
 def step_tui(full: bool, docs: bool) -> dict[str, Any]:
     if not (HERE / "tui_responsiveness.py").is_file():
         raise RuntimeError("bench/tui_responsiveness.py is not there")
@@ -115,8 +123,8 @@ def step_study_methods(full: bool, docs: bool) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[bool, bool], dict[str, Any]]] = {
-    "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "tui": step_tui,
-    "methods": step_methods, "study": step_study, "study-methods": step_study_methods,
+    "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "finetune": step_finetune,
+    "tui": step_tui, "methods": step_methods, "study": step_study, "study-methods": step_study_methods,
 }
 
 
@@ -151,6 +159,18 @@ def render_attacks(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_finetune(data: dict[str, Any]) -> str:
+    lines = [f"{data['model']}; {data['data']}; the second of two epochs, {data['rounds']} interleaved rounds, "
+             f"{data['machine']['threads']} CPU thread(s).", "",
+             "| device | loop | images/s (median) | min | max | × plain (median of rounds) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for s in data["summary"]:
+        lines.append(f"| {s['device']} | {s['loop']} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} "
+                     f"| {s['vs_plain']:.2f} |")
+    lines += [f"\n{note}" for note in data.get("notes", [])]
+    return "\n".join(lines)
+
+
 def render_tui(data: dict[str, Any]) -> str:
     targets = data.get("targets_ms", {})
     lines = ["| measure | ms | target ms |", "|---|---:|---:|"]
@@ -171,6 +191,7 @@ def render_bench(summary: dict[str, Any]) -> str:
     sections = [("Pruning time and peak memory", data.get("prune"), render_prune),
                 *((f"Deployed latency ({d})", data.get("deploy", {}).get(d), render_deploy) for d in ("cpu", "cuda")),
                 ("Attack-evaluation throughput", data.get("attacks"), render_attacks),
+                ("Fine-tune throughput", data.get("finetune"), render_finetune),
                 ("Training throughput of the methods (sample, interleaved)", data.get("methods"), method_throughput.render),
                 ("TUI responsiveness", data.get("tui"), render_tui)]
     for title, result, render in sections:

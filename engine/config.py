@@ -13,7 +13,7 @@ from typing import Any
 import tomli_w
 
 from .adasap.adasap_config import SharpnessConfig, WarmupConfig
-from .common.checks import MAX_SEED, flag, one_of, texts, whole, wholes, within
+from .common.checks import MAX_SEED, flag, one_of, texts, utf8, whole, wholes, within
 from .common.devices import check_device
 from .common.errors import ConfigError
 from .common.fileio import write_text_atomic
@@ -130,9 +130,13 @@ class RunConfig:
     def validate(self) -> None:
         """Check every section; raise `ConfigError` for the first bad value."""
         for section in dataclasses.fields(self):
-            validate = getattr(getattr(self, section.name), "validate", None)
+            values = getattr(self, section.name)
+            for key in dataclasses.fields(values):
+                utf8(f"{section.name}.{key.name}", getattr(values, key.name))
+            validate = getattr(values, "validate", None)
             if validate is not None:
                 validate()
+        check_one_device(self.run.device, self.finetune.device)
 
     @property
     def adasap(self) -> bool:
@@ -196,6 +200,17 @@ class RunConfig:
                 f"unknown key {key!r} in [{table}]; known keys: {', '.join(sorted(fields))}"
             )
         setattr(section, key, _coerce(dotted, getattr(section, key), str(fields[key].type), value))
+
+
+def check_one_device(run_device: str, finetune_device: str) -> None:
+    """Every stage of a run computes on `run.device`; `finetune.device` may only repeat it (or
+    stay `auto`), so a setting that would be ignored is an error instead."""
+    fine = finetune_device.strip().lower()
+    if fine != "auto" and fine != run_device.strip().lower():
+        raise ConfigError(
+            f"finetune.device must be auto or the same as run.device (every stage runs on run.device), "
+            f"got {finetune_device!r} with run.device {run_device!r}; set run.device instead"
+        )
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:

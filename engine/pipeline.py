@@ -4,6 +4,7 @@ evaluate it. Each stage is a plain function taking a progress callback and a can
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -20,8 +21,8 @@ from .adasap.phases import PhaseOutcome, run_progressive, run_warmup
 from .adasap.sharpness import Sharpness, sharpness
 from .baselines.filter_pruning import filter_plan
 from .common.distributed import DistContext
-from .common.errors import ConfigError, SnapshotError
-from .common.progress import ProgressCallback, check_cancel
+from .common.errors import Cancelled, ConfigError, SnapshotError
+from .common.progress import ProgressCallback
 from .config import RunConfig
 from .data.datasets import DataBundle, load_data
 from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -44,13 +45,8 @@ from .models.normalization import Normalization, parse_normalization
 from .models.normalize_layer import Normalize
 from .models.surgery import filter_chains
 from .robustness.attacks import RobustnessReport, parse_attack
-from .robustness.probes import (
-    CorruptionReport,
-    FrequencyReport,
-    corruption_probe,
-    frequency_probe,
-)
-from .robustness.sharded import evaluate_sharded
+from .robustness.probes import CorruptionReport, FrequencyReport
+from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_sharded
 from .training.finetune import FinetuneResult, finetune
 
 
@@ -233,7 +229,10 @@ def prune(
     """Prune `model` (default: the opened one) with the configured method — planned once, trained
     with masks (in-train pruning), or on AdaSAP's progressive schedule after a warmup — rebuild it
     in grouped and deployed form, and check both against the masked dense model on a real test
-    batch. Methods that train keep `last.pt` in `out_dir` and `resume` from it."""
+    batch. Methods that train keep `last.pt` in `out_dir` and `resume` from it. Under torchrun
+    rank 0 plans one-shot methods and the others receive its plan; methods that train run on
+    every process. `ws.model` and `model` are read, never moved or changed, so other jobs may
+    use them meanwhile."""
     config = ws.config
     source = ws.model if model is None else model
     check_prune_input(ws)
@@ -257,15 +256,24 @@ def prune(
                                    "training": phase.training.to_dict()}}
     else:
         events = []
-        plan = method_plan(ws, source, config.prune.rate, snapshots=snapshots, on_event=on_event, progress=progress,
-                           cancel=cancel)
+        planned: PrunePlan | None = None
+        if ws.ctx.is_main:
+            try:
+                planned = method_plan(ws, source, config.prune.rate, snapshots=snapshots, on_event=on_event,
+                                      progress=progress, cancel=cancel)
+            except Cancelled:
+                pass  # the others learn it from the broadcast: no plan
+        planned = ws.ctx.broadcast_object(planned)
+        if planned is None:
+            raise Cancelled("pruning cancelled")
+        plan = planned
     if on_event is not None:
         for event in events:
             on_event(event)
     if plan.method == "l1-filter":
         target = int(plan.params["target_macs"])
     seconds = time.perf_counter() - start
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     outcome = deployed_outcome(ws, source, plan, seconds, cancel)
     outcome.details, outcome.target_macs = details, target
     outcome.effective_macs = outcome.cost_after.macs if effective is None else effective
@@ -295,8 +303,8 @@ def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds:
     """`source` pruned by `plan` in grouped and deployed form, checked against its masked dense
     form, with costs and latency against the opened model."""
     config = ws.config
-    reference = ws.model.to(ws.device).eval()
-    original = source.to(ws.device).eval()
+    original = copy.deepcopy(source).to(ws.device).eval()
+    reference = original if source is ws.model else copy.deepcopy(ws.model).to(ws.device).eval()
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
     latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -305,10 +313,10 @@ def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds:
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
-    check_cancel(cancel)
+    ws.ctx.check_cancel(cancel)
     timing = compare_latency({"original": reference, "pruned": deployed}, latency_input, device=ws.device)
     before, after = timing["original"], timing["pruned"]
     return PruneOutcome(
@@ -442,8 +450,8 @@ def evaluate(
     cancel: threading.Event | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model. Under torchrun the attacks are sharded over the processes and
-    the probes run on rank 0 only."""
+    equivalent of a pruned model. Under torchrun the attacks and probes are sharded over the
+    processes."""
     cfg = ws.config.evaluate
     model = dense_equivalent(model)
     common = dict(
@@ -454,16 +462,15 @@ def evaluate(
         model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
         max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
     )
-    probe = ws.ctx.is_main
     frequency = (
-        frequency_probe(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds),
-                        max_examples=limit, **common)
-        if cfg.frequency and probe else None
+        frequency_sharded(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
+                          max_examples=limit, **common)
+        if cfg.frequency else None
     )
     corruption = (
-        corruption_probe(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities),
-                         max_examples=limit, **common)
-        if cfg.corruption and probe else None
+        corruption_sharded(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
+                           max_examples=limit, **common)
+        if cfg.corruption else None
     )
     return Evaluation(robustness, frequency, corruption)
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: the `../shared` folder (tests needing it skip cleanly without it) and a
-freshly seeded torch RNG for every test."""
+"""Shared fixtures: the `../shared` folder (tests needing it skip cleanly without it), a freshly
+seeded torch RNG for every test, and the `cuda` marker's skip on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_CHECKPOINT = SHARED / "checkpoints" / "cifar10_resnet20_dp-wrapped.th"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip on a machine without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

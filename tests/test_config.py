@@ -73,6 +73,8 @@ def test_bad_config_files(tmp_path: Path, text: str, phrase: str) -> None:
         ("evaluate.eps_space", "pixels", "eps_space"),
         ("finetune.epochs", 0, "epochs"),
         ("data.val_fraction", 0.7, "val_fraction"),
+        ("run.device", "cuda:x", "run.device must be auto, cpu, cuda or cuda:N"),
+        ("finetune.device", "cuda:-1", "finetune.device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_fail_validation(key: str, value: object, phrase: str) -> None:
@@ -85,3 +87,18 @@ def test_bad_values_fail_validation(key: str, value: object, phrase: str) -> Non
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(("run_device", "finetune_device", "ok"), [
+    ("auto", "auto", True), ("cpu", "auto", True), ("cpu", "cpu", True), ("cpu", " CPU", True),
+    ("auto", "cpu", False), ("cpu", "auto ", True),
+])
+def test_finetune_device_repeats_run_device_or_is_an_error(run_device: str, finetune_device: str, ok: bool) -> None:
+    config = RunConfig()
+    config.set("run.device", run_device)
+    config.set("finetune.device", finetune_device)
+    if ok:
+        config.validate()
+    else:
+        with pytest.raises(ConfigError, match="finetune.device must be auto or the same as run.device"):
+            config.validate()

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -21,19 +20,29 @@ from typing import Any, TextIO
 
 from engine import pipeline
 from engine.common.errors import Cancelled, ConfigError, WorkbenchError
-from engine.common.fileio import AtomicJsonLines, write_json_atomic
-from engine.common.progress import Progress, ProgressCallback
+from engine.common.fileio import AtomicJsonLines, json_text, write_json_atomic
+from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.traces import read_jsonl, write_jsonl
+from engine.models.architectures import is_factory
 from engine.report import build_report
+from engine.training.finetune import STATE_FILE as FINETUNE_STATE
+from engine.training.finetune_config import metric_filename
 from sample_models import is_sample, use_sample_when_unset
 
 from .exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
+from .run_folder import RunFolder
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
+LOG_FILE = "log.txt"
 WARMUP_TRACE = "warmup.jsonl"
+# The report sections each stage adds to state.json's results.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "warmup": ("warmup",), "prune": ("prune", "deploy", "sharpness"), "finetune": ("finetune", "sharpness"),
+    "evaluate": ("evaluate",),
+}
 log = logging.getLogger("gkp-workbench")
 
 
@@ -96,62 +105,58 @@ def _clock_text(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def next_run_folder(parent: Path, name: str) -> Path:
-    """The first `parent/name-N` (N = 1, 2, ...) that does not exist yet, so a second run never
-    fails or overwrites because an earlier one is there."""
-    number = 1
-    while (parent / f"{name}-{number}").exists():
-        number += 1
-    return parent / f"{name}-{number}"
-
-
-def check_output(out: Path, *, force: bool) -> bool:
-    """Whether `out` holds a previous run to replace; refuse a non-empty folder without `force`
-    and never touch a folder the workbench did not make."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return False
-    if not force:
-        raise ConfigError(f"output directory {out} is not empty; pass --force to replace it or --resume {out} to continue it")
-    if not (out / STATE_FILE).exists():
-        raise ConfigError(f"{out} is not a gkp-workbench output directory; refusing to delete it even with --force")
-    return True
-
-
-def _attach_log(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
+def _attach_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     return handler
 
 
-def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progress: ProgressPrinter | None,
+def read_state(out: Path, stages: list[str]) -> dict[str, Any]:
+    """The `state.json` of an interrupted run of `stages`, checked: `ConfigError` when it is
+    missing, unreadable or not a state this run could have written."""
+    path = out / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{out} holds no resumable run (no {STATE_FILE})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"{path} cannot be read ({reason}); the run cannot be resumed, start it again with --force") from None
+    completed = state.get("completed") if isinstance(state, dict) else None
+    results = state.get("results", {}) if isinstance(state, dict) else None
+    done = completed if isinstance(completed, list) and completed == stages[:len(completed)] else None
+    sections = {section for stage in done or [] for section in STAGE_SECTIONS[stage]}
+    if done is None or not isinstance(results, dict) or not all(
+            key in sections and isinstance(value, dict) for key, value in results.items()):
+        raise ConfigError(
+            f"{path} is not the state of a run of stages {','.join(stages)}; the run cannot be resumed, "
+            "start it again with --force"
+        )
+    return state
+
+
+def run_batch(config: RunConfig, folder: RunFolder, *, resume: bool, progress: ProgressPrinter | None,
               cancel: threading.Event) -> dict[str, Any]:
-    """Run the configured stages into `out` and return the report. Every input is checked before
-    the output directory is created (or a previous run in it replaced); under torchrun only rank
+    """Run the configured stages into `folder` and return the report. Every input is checked
+    before the folder is created (or the previous run in it replaced); under torchrun only rank
     0 writes."""
-    state: dict[str, Any] = {"completed": []}
-    if resume:
-        state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
-    replace = False if resume else check_output(out, force=force)
+    assert folder.path is not None or not resume
+    state: dict[str, Any] = read_state(folder.path, config.run.stages) if resume and folder.path else {"completed": []}
     ws = pipeline.open_workspace(config)
     try:
         if "prune" in config.run.stages and "prune" not in state["completed"]:
             pipeline.check_prune_input(ws)  # no eligible layer, unknown architecture, missing snapshots
         pipeline.check_evaluation_config(config)
+        check_cancel(cancel)  # interrupted while loading: stop before anything is written
         main = ws.ctx.is_main
-        if main:
-            if replace:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
+        if main and not resume:
+            folder.create({CONFIG_FILE: config.to_toml(), STATE_FILE: json_text(state), LOG_FILE: ""})
         ws.ctx.barrier()
-        handler = _attach_log(out) if main else logging.NullHandler()
+        handler = _attach_log(folder.file(LOG_FILE)) if main else logging.NullHandler()
         try:
-            return _run_stages(ws, out, state, resume=resume, progress=progress if main else None, cancel=cancel)
+            return _run_stages(ws, folder, state, resume=resume, progress=progress if main else None, cancel=cancel)
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -159,28 +164,39 @@ def run_batch(config: RunConfig, out: Path, *, resume: bool, force: bool, progre
         ws.ctx.close()
 
 
-def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, resume: bool,
+def _training_files(config: RunConfig, folder: str) -> list[str]:
+    """The files a training stage writes under `folder/`: the resumable state and one best
+    model per tracked metric."""
+    metrics = ["benign", *(spec.label for spec in config.finetune.attack_specs())]
+    return [f"{folder}/{FINETUNE_STATE}", *(f"{folder}/best_{metric_filename(m)}.pt" for m in metrics)]
+
+
+def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any], *, resume: bool,
                 progress: ProgressPrinter | None, cancel: threading.Event) -> dict[str, Any]:
     config, main = ws.config, ws.ctx.is_main
-    if main and not resume:
-        config.save(out / CONFIG_FILE)
-        write_json_atomic(out / STATE_FILE, state)
+    out = folder.path
+    assert out is not None
     log.info("run started: stages %s, model %s", ",".join(config.run.stages), ws.checkpoint.path)
     results: dict[str, Any] = dict(state.get("results", {}))
     model, plan = ws.model, ws.plan
+    # A run folder is data: of the code its config asks for, only a factory the user named again runs.
+    factory = config.model.arch if is_factory(config.model.arch) else None
+
+    written: dict[str, Any] = {}
 
     def finish(stage: str, sections: dict[str, Any]) -> None:
         results.update(sections)
         state["completed"].append(stage)
         state["results"] = results
+        written["report"] = build_report(ws, results, state["completed"])
         if main:
-            write_json_atomic(out / "report.json", build_report(ws, results, state["completed"]))
-            write_json_atomic(out / STATE_FILE, state)
+            write_json_atomic(folder.file("report.json"), written["report"])
+            write_json_atomic(folder.file(STATE_FILE), state)
         log.info("stage %s done", stage)
 
     def save(name: str, stage: str) -> None:
         if main:
-            pipeline.save_model(ws, out / name, model, plan, {"stage": stage})
+            pipeline.save_model(ws, folder.file(name), model, plan, {"stage": stage})
 
     def about(subject: str) -> ProgressCallback | None:
         return None if progress is None else progress.about(subject)
@@ -197,21 +213,25 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
 
     if "warmup" in config.run.stages:
         if "warmup" in state["completed"]:
-            model = load_checkpoint(out / "warmed.pt").model
+            model = load_checkpoint(out / "warmed.pt", arch=factory).model
         else:
-            resumable = resume and (out / "warmup" / "last.pt").is_file()
+            folder.claim(*_training_files(config, "warmup"), "warmed.pt", WARMUP_TRACE)
+            resumable = resume and (out / "warmup" / FINETUNE_STATE).is_file()
             phase = pipeline.warmup(ws, out / "warmup", resume=resumable, progress=about("model"), cancel=cancel)
             model = phase.model
             if main:
-                write_jsonl(out / WARMUP_TRACE, phase.events)
+                write_jsonl(folder.file(WARMUP_TRACE), phase.events)
             save("warmed.pt", "warmup")
             finish("warmup", {"warmup": pipeline.warmup_section(ws, phase)})
     if "prune" in config.run.stages:
         if "prune" in state["completed"]:
-            reopened = load_checkpoint(out / "pruned.pt")
+            reopened = load_checkpoint(out / "pruned.pt", arch=factory)
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
-            resumable = resume and (out / "prune" / "last.pt").is_file()
+            folder.claim("decisions.jsonl", "plan.json", "pruned.pt")
+            if pipeline.trains_to_prune(config):
+                folder.claim(*_training_files(config, "prune"))
+            resumable = resume and (out / "prune" / FINETUNE_STATE).is_file()
             with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
                 on_event = writer.write if writer is not None else None
                 if on_event is not None and (out / WARMUP_TRACE).is_file():
@@ -229,9 +249,10 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
             finish("prune", {**pipeline.prune_sections(outcome), **sharp})
     if "finetune" in config.run.stages:
         if "finetune" in state["completed"]:
-            model = load_checkpoint(out / "finetuned.pt").model
+            model = load_checkpoint(out / "finetuned.pt", arch=factory).model
         else:
-            resumable = resume and (out / "finetune" / "last.pt").is_file()
+            folder.claim(*_training_files(config, "finetune"), "finetuned.pt")
+            resumable = resume and (out / "finetune" / FINETUNE_STATE).is_file()
             result = pipeline.finetune_model(ws, model, plan, out / "finetune", resume=resumable,
                                              progress=about(_model_label(plan, [])), cancel=cancel)
             if not result.completed:
@@ -248,7 +269,7 @@ def _run_stages(ws: pipeline.Workspace, out: Path, state: dict[str, Any], *, res
     log.info("run finished")
     if progress is not None:
         progress.end_line()
-    return build_report(ws, results, state["completed"])
+    return written.get("report") or build_report(ws, results, state["completed"])
 
 
 def _warn_if_off_target(outcome: pipeline.PruneOutcome) -> None:
@@ -324,60 +345,105 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, Path, bool]:
+def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:
     if args.resume is not None:
         out = args.resume
         if not (out / STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
             raise ConfigError(f"{out} holds no resumable run (no {STATE_FILE} / {CONFIG_FILE})")
         config = RunConfig.load(out / CONFIG_FILE)
+        _confirm_code(config, overrides, out)
         if "run.device" in overrides:
             config.set("run.device", overrides["run.device"])
             config.set("finetune.device", overrides["run.device"])
-        return config, out, True
+        return config, True
     config = RunConfig.load(args.config) if args.config else RunConfig()
     for key, value in overrides.items():
         config.set(key, value)
     use_sample_when_unset(config)
     config.validate()
-    name = "sample" if is_sample(config.model.checkpoint) else Path(config.model.checkpoint).stem
-    return config, args.out or next_run_folder(Path("runs"), name), False
+    return config, False
+
+
+def _confirm_code(config: RunConfig, overrides: dict[str, Any], out: Path) -> None:
+    """A run folder is data: a model factory or trusted unpickling its config.toml asks for is
+    honoured only when the user asks for it again on this command line."""
+    arch = config.model.arch.strip()
+    if is_factory(arch) and str(overrides.get("model.arch", "")).strip() != arch:
+        raise ConfigError(f"the run in {out} builds its model with the factory {arch}, which is code; "
+                          f"if you trust it, pass --arch {arch} with --resume")
+    if config.model.trust_pickle and overrides.get("model.trust_pickle") is not True:
+        raise ConfigError(f"the run in {out} reads its checkpoint with --trust-pickle, which runs code from the file; "
+                          "if you trust it, pass --trust-pickle with --resume")
+
+
+def _say(text: str) -> None:
+    """One line on stderr; the error paths must not fail, whatever state the terminal is in."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - nowhere left to report to
+        pass
+
+
+def _save_traceback(folder: RunFolder | None) -> str:
+    """Write the current traceback to the run's log (a temporary file when the run has no
+    folder of its own yet) and say where it went."""
+    text = traceback.format_exc()
+    try:
+        if folder is not None and folder.created and folder.path is not None:
+            path = folder.file(LOG_FILE)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(text)
+            return f"details in {path}"
+    except Exception:  # noqa: BLE001 - fall back to a temporary file
+        pass
+    try:
+        fd, name = tempfile.mkstemp(prefix="gkp-workbench-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return f"details in {name}"
+    except Exception:  # noqa: BLE001 - nowhere to write: say so rather than fail
+        return "the traceback could not be saved"
 
 
 def run_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Entry point for `--batch`: exit 0 ok, 2 bad input, 130 interrupted, 1 internal error."""
+    """Entry point for `--batch`: exit 0 ok, 2 bad input or environment (one line), 130
+    interrupted, 1 internal error (traceback in the run's log.txt only)."""
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) if threading.current_thread() is threading.main_thread() else None
-    out: Path | None = None
+    folder: RunFolder | None = None
+    writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes and reports
     try:
-        config, out, resume = _config_from_args(args, overrides)
+        config, resume = _config_from_args(args, overrides)
+        if resume:
+            folder = RunFolder.for_resume(args.resume, writer=writer)
+        else:
+            name = "sample" if is_sample(config.model.checkpoint) else Path(config.model.checkpoint).stem
+            folder = RunFolder.for_run(args.out, name=name, force=args.force, writer=writer)
         started = time.perf_counter()
-        report = run_batch(config, out, resume=resume, force=args.force, progress=None if args.quiet else ProgressPrinter(sys.stderr), cancel=cancel)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        report = run_batch(config, folder, resume=resume, progress=None if args.quiet else ProgressPrinter(sys.stderr), cancel=cancel)
+        if not writer:
             return EXIT_OK
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
             print(summary_table(report))
-            print(f"\noutputs in {out} ({time.perf_counter() - started:.1f} s)")
+            print(f"\noutputs in {folder.path} ({time.perf_counter() - started:.1f} s)")
         return EXIT_OK
     except WorkbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # the environment: permissions, a full disk, a vanished folder
+        _say(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc.strerror or exc}")
         return EXIT_BAD_INPUT
     except (Cancelled, KeyboardInterrupt):
-        where = f"; continue with --resume {out}" if out is not None and (out / STATE_FILE).exists() else ""
-        print(f"interrupted{where}", file=sys.stderr)
+        out = folder.path if folder is not None and folder.created else None
+        _say("interrupted" + (f"; continue with --resume {out}" if out is not None and (out / STATE_FILE).exists() else ""))
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: traceback to log.txt only
-        if out is not None and out.is_dir():
-            log_path = out / "log.txt"
-        else:
-            fd, name = tempfile.mkstemp(prefix="gkp-workbench-error-", suffix=".log")
-            os.close(fd)
-            log_path = Path(name)
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(traceback.format_exc())
-        print(f"internal error: {type(exc).__name__}: {exc}; details in {log_path}", file=sys.stderr)
+        _say(f"internal error: {type(exc).__name__}: {exc}; {_save_traceback(folder)}")
         return EXIT_INTERNAL
     finally:
+        if folder is not None:
+            folder.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gkp-workbench",
         description="Grouped kernel pruning workbench: inspect, prune, fine-tune and attack CNNs. "
         "Without --batch it opens the interactive workbench.",
-        epilog="Exit codes (batch): 0 ok, 2 bad input or config, 130 interrupted (resumable), "
-        "1 internal error (traceback in OUT/log.txt). Docs: README.md.",
+        epilog="Exit codes (batch): 0 ok, 2 bad input, config or environment (paths, permissions, full disk, "
+        "a run folder in use), 130 interrupted (resumable), 1 internal error (traceback in OUT/log.txt). "
+        "Docs: README.md.",
     )
 
     def option(flag: str, key: str, text: str, **kwargs: Any) -> None:
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", action="store_true", help="run the pipeline headless instead of opening the TUI")
     parser.add_argument("--config", type=Path, help="TOML run configuration; flags override it (default: none)")
     parser.add_argument("--out", type=Path, help="output directory for batch mode (default: the next free runs/<checkpoint name>-N)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory of a previous run")
+    parser.add_argument("--force", action="store_true", help="replace the previous run in the output directory: only "
+                        "the files its .gkp-run.json lists, and only once the new run starts writing")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted batch run in DIR (default: none, start a new run)")
     parser.add_argument("--json", action="store_true", help="print the report JSON on stdout instead of the summary")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr (batch mode)")
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the one stored in the checkpoint)")
     parser.add_argument("--arch", help="architecture override, e.g. resnet56, vgg16_bn, torchvision:resnet50, "
                         "pkg.mod:factory (default: inferred from the weights)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of whole-model files (runs code from the file)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow code that files name: full unpickling of "
+                        "whole-model files, model factories stored in checkpoints")
     option("--form", "deploy.form", "deployed form of pruned layers", choices=list(DEPLOY_FORMS))
     option("--epochs", "finetune.epochs", "fine-tuning epochs", type=int)
     option("--mode", "finetune.mode", "fine-tuning mode", choices=list(MODES))

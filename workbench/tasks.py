@@ -127,12 +127,15 @@ def finetune_copy(ws: Workspace, base: nn.Module, plan: PrunePlan | None, out_di
 
 def evaluate_models(ws: Workspace, models: dict[str, nn.Module], progress: ProgressCallback,
                     cancel: threading.Event) -> dict[str, Evaluation]:
-    """The attack suite on each model in turn; progress messages name the model."""
+    """The attack suite on a copy of each model in turn (evaluation moves a model to the device
+    and switches its mode, which another job may be reading meanwhile); progress messages name
+    the model."""
 
     def labelled(label: str) -> ProgressCallback:
         return lambda p: progress(dataclasses.replace(p, message=f"{label}: {p.stage} {p.message}".strip()))
 
-    return {label: evaluate(ws, model, progress=labelled(label), cancel=cancel) for label, model in models.items()}
+    return {label: evaluate(ws, copy.deepcopy(model), progress=labelled(label), cancel=cancel)
+            for label, model in models.items()}
 
 
 def saved_trace(checkpoint: Path, plan: PrunePlan) -> list[TraceEvent]:

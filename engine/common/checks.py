@@ -20,7 +20,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -31,7 +32,7 @@ def one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
 
 def whole(key: str, value: Any, low: int, high: int | None = None) -> None:
     """A whole number in [low, high] (no upper bound when `high` is None)."""
-    if not _is_whole(value) or value < low or (high is not None and value > high):
+    if not is_whole(value) or value < low or (high is not None and value > high):
         what = f"a whole number of at least {low}" if high is None else f"a whole number from {low} to {high}"
         raise _fail(key, what, value)
 
@@ -61,6 +62,17 @@ def flag(key: str, value: Any) -> None:
         raise _fail(key, "true or false", value)
 
 
+def utf8(key: str, value: Any) -> None:
+    """Text (or a list of texts) that encodes as UTF-8: a command-line argument or file name in
+    another encoding cannot be written to the run's config, log or report."""
+    for text in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _fail(key, "UTF-8 text", text) from None
+
+
 def texts(key: str, value: Any, *, non_empty: bool = False, distinct: bool = False) -> None:
     """A list of strings, optionally non-empty and without repeats."""
     ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
@@ -73,7 +85,7 @@ def texts(key: str, value: Any, *, non_empty: bool = False, distinct: bool = Fal
 def wholes(key: str, value: Any, low: int, high: int | None = None, *, increasing: bool = False,
            non_empty: bool = False) -> None:
     """A list of whole numbers in [low, high], optionally strictly increasing and non-empty."""
-    ok = isinstance(value, (list, tuple)) and all(_is_whole(v) for v in value)
+    ok = isinstance(value, (list, tuple)) and all(is_whole(v) for v in value)
     ok = ok and all(v >= low and (high is None or v <= high) for v in value)
     ok = ok and (not increasing or all(a < b for a, b in zip(value, value[1:])))
     ok = ok and (not non_empty or len(value) > 0)

@@ -29,5 +29,9 @@ class DataError(WorkbenchError):
     """A dataset path or format is not usable."""
 
 
+class OutputError(WorkbenchError):
+    """An output cannot be written: no permission, disk full, a file where a folder should be."""
+
+
 class Cancelled(Exception):
     """A long operation stopped because its cancellation event was set."""

@@ -1,4 +1,6 @@
-"""Atomic file writes, so an interrupted run never leaves a half-written output behind."""
+"""Atomic file writes, so an interrupted run never leaves a half-written output behind:
+temporary files are named `.NAME.*.tmp` beside their target and removed on any failure, and an
+operating-system failure (disk full, no permission) is an `OutputError` naming the file."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 
 def _read_umask() -> int:
@@ -18,14 +24,30 @@ def _read_umask() -> int:
 
 # Read once, at import: changing the umask to read it is not thread-safe.
 _UMASK = _read_umask()
+FOLDER_MODE = 0o777 & ~_UMASK  # what a plain mkdir gives, for folders made by `tempfile`
+
+
+def temp_prefix(name: str) -> str:
+    """How the temporary files of a target called `name` begin (they end in `.tmp`)."""
+    return f".{name}."
+
+
+@contextmanager
+def reported(target: Path) -> Iterator[None]:
+    """Turn an operating-system failure while writing `target` into an `OutputError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 def _temp_beside(target: Path) -> tuple[int, str]:
     """A temporary file in `target`'s folder with the mode a plain `open` would give (0666 less
     the umask), so outputs are as readable as any other file the user writes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
+    with reported(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
     return fd, tmp
 
 
@@ -34,11 +56,12 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     target = Path(path)
     fd, tmp = _temp_beside(target)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with reported(target), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        with reported(target):
+            os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -49,9 +72,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """`obj` as stable, indented JSON (sorted keys, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomically write `obj` as stable, indented JSON (sorted keys, trailing newline)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Atomically write `obj` as `json_text`."""
+    write_text_atomic(path, json_text(obj))
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -75,15 +103,21 @@ class AtomicJsonLines:
 
     def write(self, record: Any) -> None:
         data = record.to_dict() if hasattr(record, "to_dict") else record
-        self._handle.write(json.dumps(data, sort_keys=True) + "\n")
+        with reported(self.path):
+            self._handle.write(json.dumps(data, sort_keys=True) + "\n")
         self.count += 1
 
     def __enter__(self) -> "AtomicJsonLines":
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._handle.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            Path(self._tmp).unlink(missing_ok=True)
+        kept = False
+        try:
+            with reported(self.path):
+                self._handle.close()  # flushes: a full disk may fail here
+                if exc_type is None:
+                    os.replace(self._tmp, self.path)
+                    kept = True
+        finally:
+            if not kept:
+                Path(self._tmp).unlink(missing_ok=True)

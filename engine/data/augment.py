@@ -24,6 +24,10 @@ class CropFlipDraws:
         flips = torch.rand(n, generator=generator) < 0.5
         return cls(offsets, flips if flip else torch.zeros(n, dtype=torch.bool), pad)
 
+    def to(self, device: torch.device) -> "CropFlipDraws":
+        """The same draws on `device`, copied once per epoch rather than once per batch."""
+        return CropFlipDraws(self.offsets.to(device), self.flips.to(device), self.pad)
+
     def apply(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`images` (B, C, H, W), the batch of dataset items `indices`, cropped and flipped."""
         return crop_flip(images, self.offsets[indices], self.flips[indices], self.pad)

@@ -73,26 +73,69 @@ class ImageTensorDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-        return _resize(_to_channels(image, self.channels), self.image_size), int(self.labels[index])
+        image = convert_images(self.images[index][None], self.channels, self.image_size)[0]
+        return image, int(self.labels[index])
 
 
-def _to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+def convert_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """A stored (N, C, H, W) batch, uint8 or float, as float32 [0, 1] images with `channels`
+    channels at `size`×`size`, on the batch's own device."""
+    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return _resize(_to_channels(images, channels), size)
+
+
+def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """Gray → RGB by replication, RGB → gray by ITU-R 601 luma (as PIL's "L" mode)."""
-    have = image.shape[0]
+    have = images.shape[1]
     if have == channels:
-        return image
+        return images
     if have == 1:
-        return image.expand(channels, -1, -1).contiguous()
-    weights = torch.tensor(_LUMA, dtype=image.dtype).view(3, 1, 1)
-    return (image * weights).sum(dim=0, keepdim=True)
+        return images.expand(-1, channels, -1, -1).contiguous()
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
 
 
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-1] == size and image.shape[-2] == size:
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass(frozen=True)
+class InMemorySplit:
+    """A split whose items are rows of one `ImageTensorDataset`: its stored images and labels and
+    the rows the split's items are, so a batch is one indexing operation on whatever device the
+    tensors live on instead of a loop over items."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+    channels: int
+    image_size: int
+
+    def to(self, device: torch.device) -> "InMemorySplit":
+        return InMemorySplit(self.images.to(device), self.labels.to(device), self.rows.to(device),
+                             self.channels, self.image_size)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the split's items `indices`, as the dataset serves them."""
+        rows = self.rows[indices]
+        return convert_images(self.images[rows], self.channels, self.image_size), self.labels[rows]
+
+
+def in_memory(dataset: Dataset) -> InMemorySplit | None:
+    """`dataset` as an `InMemorySplit` when it is an `ImageTensorDataset` or subsets of one;
+    None for anything else (image folders are read file by file)."""
+    rows: torch.Tensor | None = None
+    while isinstance(dataset, Subset):
+        indices = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        rows = indices if rows is None else indices[rows]
+        dataset = dataset.dataset
+    if not isinstance(dataset, ImageTensorDataset):
+        return None
+    if rows is None:
+        rows = torch.arange(len(dataset))
+    return InMemorySplit(dataset.images, dataset.labels, rows, dataset.channels, dataset.image_size)
 
 
 def _check_args(channels: int | None, image_size: int | None, val_fraction: float, seed: int) -> None:

@@ -1,5 +1,9 @@
 """Reading the checkpoints users bring (state dicts in the usual wrappers, whole-model pickles
-recovered without running their code) and writing the workbench's own self-describing format."""
+recovered without running their code) and writing the workbench's own self-describing format.
+
+A file is data: nothing in it chooses code to import or call (a stored model factory runs only
+when the user names it), and nothing in it is built before its sizes are checked against the
+tensors the file actually holds."""
 
 from __future__ import annotations
 
@@ -21,11 +25,18 @@ from ..common.errors import (
     ArchitectureError,
     CheckpointError,
     ConfigError,
+    PlanError,
     WorkbenchError,
 )
 from ..common.fileio import torch_save_atomic
 from ..gkp.plan import PrunePlan
-from ..models.architectures import ArchSpec, build_model, resolve_architecture
+from ..models.architectures import (
+    ArchSpec,
+    build_model,
+    compare_shapes,
+    resolve_architecture,
+    tensor_shapes,
+)
 from ..models.normalization import Normalization
 
 WORKBENCH_FORMAT = "gkp-workbench"
@@ -35,6 +46,10 @@ WEIGHTS_ONLY = "state_dict"
 RESTRICTED = "pickled model (restricted)"
 TRUSTED = "pickled model (trusted)"
 _DETAIL_CHARS = 160
+# Containers, entries and nesting a loaded object may have once shared references are counted
+# as often as they are reached: far above any checkpoint's, far below a memory bomb's.
+MAX_ENTRIES = 5_000_000
+MAX_NESTING = 100
 
 
 @dataclass
@@ -77,11 +92,11 @@ def load_checkpoint(
     full, code-executing unpickle of whole-model pickles."""
     target = Path(path)
     obj, base = _read_object(target, trust_pickle)
-    if isinstance(obj, Mapping) and obj.get("format") == WORKBENCH_FORMAT:
-        return _load_workbench(target, obj, arch, normalization)
+    if isinstance(obj, dict) and obj.get("format") == WORKBENCH_FORMAT:
+        return _load_workbench(target, obj, arch, normalization, trust_pickle)
     found = _extract(target, obj, base)
     spec = resolve_architecture(arch, found.state_dict)
-    model = _instantiate(spec, found.state_dict, None)
+    model = _instantiate(target, spec, found.state_dict, None)
     return LoadedCheckpoint(
         model, spec, normalization, found.state_dict, target, found.source_format, found.metadata, None
     )
@@ -89,7 +104,7 @@ def load_checkpoint(
 
 def read_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> StateDictFile:
     """Just the weights of a checkpoint file (any supported storage form), without building a
-    model; `CheckpointError` when the file holds none."""
+    model; `CheckpointError` when the file holds none or holds impossible tensors."""
     target = Path(path)
     obj, base = _read_object(target, trust_pickle)
     return _extract(target, obj, base)
@@ -145,16 +160,17 @@ def _read_object(path: Path, trust_pickle: bool) -> tuple[Any, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True), WEIGHTS_ONLY
+            return _plain(path, torch.load(path, map_location="cpu", weights_only=True)), WEIGHTS_ONLY
     except Exception:  # any failure here is diagnosed by the stricter paths below
         pass
     if trust_pickle:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return torch.load(path, map_location="cpu", weights_only=False), TRUSTED
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a trusted unpickle may fail in arbitrary user code
             raise CheckpointError(f"checkpoint {path} could not be unpickled even with trust: {_detail(exc)}") from None
+        return _plain(path, obj), TRUSTED
     foreign: list[str] = []
     try:
         with warnings.catch_warnings():
@@ -162,9 +178,55 @@ def _read_object(path: Path, trust_pickle: bool) -> tuple[Any, str]:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle(foreign))
     except Exception as exc:  # corrupt input can fail anywhere inside the unpickler
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not written by torch.save: {_detail(exc)}") from None
+    obj = _plain(path, obj)
     if foreign and not _holds_tensors(obj):
         raise CheckpointError(_needs_trust(path, foreign))
     return obj, RESTRICTED
+
+
+def _plain(path: Path, obj: Any) -> Any:
+    """`obj` with every dict subclass (an OrderedDict may carry attributes from the file that
+    shadow its methods) rebuilt as a plain dict, also inside pickled-object stand-ins; shared
+    references are rebuilt once, but counted each time they are reached, so a small file cannot
+    expand into MAX_ENTRIES entries, and circular or deeper than MAX_NESTING is refused."""
+    done: dict[int, Any] = {}
+    sizes: dict[int, int] = {}
+    path_ids: set[int] = set()
+
+    def rebuild(value: Any, depth: int) -> tuple[Any, int]:
+        key = id(value)
+        if key in done:
+            return done[key], sizes[key]
+        if not isinstance(value, (dict, list, tuple, InertObject)):
+            return value, 1
+        if depth > MAX_NESTING or key in path_ids:
+            raise CheckpointError(f"checkpoint {path} holds data nested circularly or more than {MAX_NESTING} deep")
+        path_ids.add(key)
+        total = 1
+        if isinstance(value, dict):
+            out: Any = {}
+            for k, v in dict.items(value):
+                out[k], size = rebuild(v, depth + 1)
+                total += size
+        elif isinstance(value, InertObject):
+            out = value
+            for name in ("inert_args", "inert_state", "inert_items"):
+                value.__dict__[name], size = rebuild(value.__dict__[name], depth + 1)
+                total += size
+        else:
+            items = []
+            for item in value:
+                rebuilt, size = rebuild(item, depth + 1)
+                items.append(rebuilt)
+                total += size
+            out = items if isinstance(value, list) else tuple(items)
+        if total > MAX_ENTRIES:
+            raise CheckpointError(f"checkpoint {path} expands to more than {MAX_ENTRIES:,} entries; it is not a checkpoint")
+        path_ids.discard(key)
+        done[key], sizes[key] = out, total
+        return out, total
+
+    return rebuild(obj, 0)[0]
 
 
 def _check_file(path: Path) -> None:
@@ -365,13 +427,13 @@ def _extract(path: Path, obj: Any, base: str) -> StateDictFile:
     """Locate the state dict in a loaded object: bare, or under one of WRAPPER_KEYS."""
     found = _as_state_dict(obj)
     if found is not None:
-        return StateDictFile(strip_module_prefix(found), base, {})
+        return StateDictFile(_checked_tensors(path, strip_module_prefix(found)), base, {})
     if isinstance(obj, Mapping):
         for key in WRAPPER_KEYS:
             found = _as_state_dict(obj.get(key))
             if found is not None:
                 label = f"{base}[{key!r}]" if base == WEIGHTS_ONLY else f"{base} under [{key!r}]"
-                return StateDictFile(strip_module_prefix(found), label, _scalars(obj))
+                return StateDictFile(_checked_tensors(path, strip_module_prefix(found)), label, _scalars(obj))
         keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
         raise CheckpointError(f"checkpoint {path} holds no model weights (a dict with keys {keys})")
     if isinstance(obj, torch.Tensor):
@@ -380,19 +442,44 @@ def _extract(path: Path, obj: Any, base: str) -> StateDictFile:
     raise CheckpointError(f"checkpoint {path} holds a {kind} object, not a model's weights")
 
 
+def _checked_tensors(path: Path, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` once every tensor is a plain dense one whose declared size its stored data
+    covers (a view can claim any shape over a few bytes) and whose values are real, finite
+    numbers or integers; `CheckpointError` naming the first tensor that is not."""
+    for key, tensor in state_dict.items():
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise CheckpointError(
+                f"checkpoint {path} stores {key} as a {tensor.dtype} {str(tensor.layout).removeprefix('torch.')} tensor; "
+                "weights must be dense real numbers"
+            )
+        storage = tensor.untyped_storage().nbytes() // max(1, tensor.element_size()) - tensor.storage_offset()
+        if tensor.numel() > storage:
+            raise CheckpointError(
+                f"checkpoint {path} declares {key} of shape {tuple(tensor.shape)} over {max(0, storage)} stored values"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} has NaN or infinite values in {key}")
+    return state_dict
+
+
 # --- models -----------------------------------------------------------------------------------
 
 
-def _instantiate(spec: ArchSpec, state_dict: dict[str, torch.Tensor], plan: dict[str, Any] | None) -> nn.Module:
+def _instantiate(path: Path, spec: ArchSpec, state_dict: dict[str, torch.Tensor], plan: dict[str, Any] | None) -> nn.Module:
     """Build `spec` (with the plan's grouped convolutions when pruned), load the weights strictly
-    and switch to eval mode."""
-    model = build_model(spec)
-    if plan is not None:
-        from ..gkp.reconstruct import (
-            install_plan_structure,  # deferred: pruned checkpoints only
-        )
-
-        install_plan_structure(model, PrunePlan.from_dict(plan))
+    and switch to eval mode. A built-in architecture is first built on the meta device, which
+    allocates nothing, and checked against the weights' keys, shapes and kinds of value, so a
+    stored spec or plan cannot make the real build larger than the weights the file holds."""
+    try:
+        parsed = None if plan is None else PrunePlan.from_dict(plan)
+        if spec.family != "custom":
+            with torch.device("meta"):
+                _check_fit(path, spec, _structure(spec, parsed), state_dict)
+        model = _structure(spec, parsed)
+    except PlanError as exc:
+        raise CheckpointError(f"checkpoint {path} holds a pruning plan that does not fit its model: {exc}") from None
+    if spec.family == "custom":
+        _check_fit(path, spec, model, state_dict)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -400,31 +487,68 @@ def _instantiate(spec: ArchSpec, state_dict: dict[str, torch.Tensor], plan: dict
     return model.eval()
 
 
+def _structure(spec: ArchSpec, plan: PrunePlan | None) -> nn.Module:
+    """A fresh model for `spec` with the plan's pruned layers in place."""
+    model = build_model(spec)
+    if plan is not None:
+        from ..gkp.reconstruct import (
+            install_plan_structure,  # deferred: pruned checkpoints only
+        )
+
+        install_plan_structure(model, plan)
+    return model
+
+
+def _check_fit(path: Path, spec: ArchSpec, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """`ArchitectureError` unless the weights have exactly the model's keys and shapes, and
+    `CheckpointError` when one holds integers where the model keeps real numbers or the reverse
+    (loading would cast them silently)."""
+    expected = model.state_dict()
+    mismatch = compare_shapes(tensor_shapes(expected), tensor_shapes(state_dict))
+    if mismatch.total:
+        raise ArchitectureError(f"the weights in {path} do not fit {spec.describe()}: {mismatch.summary()}")
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() != expected[key].is_floating_point():
+            raise CheckpointError(
+                f"checkpoint {path} stores {key} as {tensor.dtype}, but the model keeps {expected[key].dtype} there"
+            )
+
+
 def _load_workbench(
-    path: Path, obj: Mapping[str, Any], arch: str | None, normalization: Normalization | None
+    path: Path, obj: dict[str, Any], arch: str | None, normalization: Normalization | None, trust_pickle: bool
 ) -> LoadedCheckpoint:
-    """A checkpoint in the workbench's own format: stored architecture, normalisation and plan."""
+    """A checkpoint in the workbench's own format: stored architecture, normalisation and plan. A
+    stored model factory is used only when `arch` names it too or `trust_pickle` is set."""
     version = obj.get("version")
     if version != WORKBENCH_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has gkp-workbench format version {version!r}; this version reads {WORKBENCH_VERSION}"
         )
     state_dict = _as_state_dict(obj.get("state_dict"))
-    plan = obj.get("plan")
-    if state_dict is None or not (plan is None or isinstance(plan, dict)):
-        raise CheckpointError(f"checkpoint {path} is a damaged gkp-workbench checkpoint (weights or plan unreadable)")
+    plan, metadata = obj.get("plan"), obj.get("metadata") or {}
+    if state_dict is None or not (plan is None or isinstance(plan, dict)) or not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint {path} is a damaged gkp-workbench checkpoint (weights, plan or metadata unreadable)")
+    state_dict = _checked_tensors(path, state_dict)
+    record = obj.get("arch")
+    factory = record.get("name") if isinstance(record, dict) and record.get("family") == "custom" else None
+    chosen = arch is not None and arch.strip() == factory
+    if factory is not None and arch is None and not trust_pickle:
+        raise ArchitectureError(
+            f"checkpoint {path} names its architecture by the model factory {str(factory)[:80]!r}, code that loading "
+            f"would import and call; if you trust the file, name it yourself with --arch {str(factory)[:80]} "
+            "(or allow code from files with --trust-pickle)"
+        )
     stored_norm = obj.get("normalization")
     try:
         norm = normalization or (Normalization.from_dict(stored_norm) if stored_norm is not None else None)
-        spec = ArchSpec.from_dict(obj.get("arch")) if arch is None else None
+        spec = ArchSpec.from_dict(record, allow_factory=lambda name: name == factory) if arch is None or chosen else None
     except WorkbenchError as exc:
         raise CheckpointError(f"checkpoint {path} is a damaged gkp-workbench checkpoint: {exc}") from None
     if spec is None:
         if plan is not None:
             raise ArchitectureError(f"checkpoint {path} is pruned and records its own architecture; drop the override")
         spec = resolve_architecture(arch, state_dict)
-    model = _instantiate(spec, state_dict, plan)
-    metadata = dict(obj.get("metadata") or {})
+    model = _instantiate(path, spec, state_dict, plan)
     return LoadedCheckpoint(model, spec, norm, state_dict, path, f"{WORKBENCH_FORMAT} v{version}", metadata, plan)
 
 

@@ -5,6 +5,7 @@ compact archive that stores each snapshot's conv weights as int8 deltas from the
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import zipfile
@@ -26,6 +27,9 @@ EXPECTED_NAMES = "epoch_12.pt, epoch12.pth, checkpoint_12.pt or 12.pt"
 _EPOCH_KEYWORD = re.compile(r"(?:epoch|ep)[_\-]?(\d+)", re.IGNORECASE)
 _SHOWN = 8  # missing epochs listed before "..."
 _FINGERPRINT_RTOL = 1e-6
+_ARCHIVE_KEYS: tuple[str, ...] = ("format", "version", "epochs", "names", "final_l1")
+_SMALL_ARRAY = 1 << 24  # bytes: the archive's index arrays are far smaller
+_MAX_RATIO = 1100  # an archive member expands at most this much (deflate: about 1032-fold)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -152,19 +156,15 @@ def _load_archive(
             f"{path} is a compact snapshot archive of deltas from the final weights; pass the final state dict as reference"
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        arrays = _read_archive(path, reference)
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"{path} is neither a snapshot directory nor a readable snapshot archive ({exc})") from None
-    if str(arrays.get("format", "")) != ARCHIVE_FORMAT or int(arrays.get("version", -1)) != ARCHIVE_VERSION:
-        raise SnapshotError(f"{path} is not a gkp-workbench snapshot archive (version {ARCHIVE_VERSION})")
     names = [str(n) for n in arrays["names"]]
     found = [int(e) for e in arrays["epochs"]]
+    if not found or len(set(found)) != len(found):
+        raise SnapshotError(f"snapshot archive {path.name} is damaged: its epochs are missing or repeated")
     for i, name in enumerate(names):
-        ref = reference.get(name)
-        shape = tuple(arrays[f"q{i}"].shape[1:])
-        if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != shape:
-            raise SnapshotError(f"snapshot archive {path.name} does not match the model: key {name!r} of shape {shape}")
+        ref = reference[name]
         l1 = float(ref.double().abs().sum())
         if abs(l1 - float(arrays["final_l1"][i])) > _FINGERPRINT_RTOL * max(1.0, l1):
             raise SnapshotError(
@@ -183,22 +183,64 @@ def _load_archive(
     return snapshots
 
 
+def _read_archive(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The arrays of a snapshot archive, each loaded only once its header shows a size the
+    archive holds and, for the quantised weights, the model's shape at every stored epoch."""
+    headers = _array_headers(path)
+    with np.load(path, allow_pickle=False) as data:
+        index = {key: data[key] for key in _ARCHIVE_KEYS if key in headers and _nbytes(headers[key]) <= _SMALL_ARRAY}
+        if str(index.get("format", "")) != ARCHIVE_FORMAT or int(index.get("version", -1)) != ARCHIVE_VERSION:
+            raise SnapshotError(f"{path} is not a gkp-workbench snapshot archive (version {ARCHIVE_VERSION})")
+        names, epochs = [str(n) for n in index.get("names", [])], len(index.get("epochs", []))
+        for i, name in enumerate(names):
+            ref = reference.get(name)
+            shape = headers.get(f"q{i}", ((), np.dtype("O")))[0]
+            if not isinstance(ref, torch.Tensor) or shape != (epochs, *ref.shape) or headers[f"q{i}"][1] != np.int8:
+                raise SnapshotError(f"snapshot archive {path.name} does not match the model: key {name!r} of shape {shape[1:]}")
+        if headers.get("scales", ((),))[0] != (epochs, len(names)) or len(index.get("final_l1", [])) != len(names):
+            raise SnapshotError(f"snapshot archive {path.name} is damaged: its index does not match its {len(names)} weights")
+        return {**index, "scales": data["scales"], **{f"q{i}": data[f"q{i}"] for i in range(len(names))}}
+
+
+def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an .npz archive, read from the headers alone, each
+    checked to need no more bytes than the archive stores for it (so loading cannot be made to
+    allocate more than the file holds, beyond what compression gives)."""
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+            if dtype.hasobject or _nbytes((shape, dtype)) > info.file_size or info.file_size > _MAX_RATIO * max(1, info.compress_size):
+                raise ValueError(f"array {info.filename} declares more data than the archive holds")
+            headers[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
+    return headers
+
+
+def _nbytes(header: tuple[tuple[int, ...], np.dtype]) -> int:
+    shape, dtype = header
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
 def _requested_epochs(found: list[int], window: tuple[int, int] | None, step: int) -> list[int]:
     """Every `step`-th epoch of the window (or of the found range); `SnapshotError` listing the
     missing ones and what was found when any is absent."""
     first, last = window if window is not None else (found[0], found[-1])
-    wanted = list(range(first, last + 1, step))
+    wanted = range(first, last + 1, step)
     have = set(found)
-    missing = [e for e in wanted if e not in have]
-    if missing:
-        listed = ", ".join(str(e) for e in missing[:_SHOWN])
-        if len(missing) > _SHOWN:
-            listed += f", ... ({len(missing)} in all)"
+    count = len(wanted) - sum(1 for e in have if e in wanted)  # without listing a huge window
+    if count:
+        missing = list(itertools.islice((e for e in wanted if e not in have), _SHOWN))
+        listed = ", ".join(str(e) for e in missing)
+        if count > _SHOWN:
+            listed += f", ... ({count} in all)"
         where = f"ticket window {first}..{last}" if window is not None else f"epochs {first}..{last}"
         if step > 1:
             where += f" at step {step}"
         raise SnapshotError(f"missing epochs {listed} in {where} (found {_ranges(found)})")
-    return wanted
+    return list(wanted)
 
 
 def _ranges(epochs: list[int]) -> str:

@@ -58,7 +58,8 @@ def discover_layers(
     exclude: Iterable[str] = (),
 ) -> list[ConvLayer]:
     """Every `nn.Conv2d` of `model` in module order, each marked eligible or given the reason it
-    is skipped. The stem is the first conv in module order."""
+    is skipped. The stem is the first conv in module order; `ConfigError` when `exclude` names a
+    layer the model does not have."""
     check_rate_and_groups(rate, groups)
     excluded = set(exclude)
     layers: list[ConvLayer] = []
@@ -95,4 +96,7 @@ def discover_layers(
                 kept=kept if reason is None else None,
             )
         )
+    unknown = sorted(excluded - {layer.name for layer in layers})
+    if unknown:
+        raise ConfigError(f"prune.exclude names no conv layer of this model: {', '.join(unknown)}")
     return layers

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..common.checks import is_whole
 from ..common.errors import PlanError
 from ..common.fileio import write_text_atomic
 
@@ -25,6 +26,9 @@ PLAN_VERSION = 1
 MASKED_PLAN_VERSION = 2  # a plan with `masks` or `filters`
 PLAN_VERSIONS: tuple[int, ...] = (PLAN_VERSION, MASKED_PLAN_VERSION)
 MASK_GRANULARITIES: tuple[str, ...] = ("kernel", "weight")
+# Bounds on what a plan read from a file may declare, checked before anything is built from it.
+MAX_CHANNELS = 65_536
+MAX_KERNEL = 1024
 
 
 @dataclass
@@ -91,22 +95,47 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        """A layer entry read from a file: its sizes are checked against MAX_CHANNELS and
+        MAX_KERNEL before any list in it is copied, then the entry itself (`check`)."""
         try:
+            name = data["name"]
+            if not isinstance(name, str):
+                raise TypeError(f"layer name {name!r} is not text")
+            sizes = (data["out_channels"], data["in_channels"], *data["kernel_size"])
+            limits = (MAX_CHANNELS, MAX_CHANNELS, MAX_KERNEL, MAX_KERNEL)
+            if len(sizes) != 4 or not all(is_whole(v) and 1 <= v <= top for v, top in zip(sizes, limits)):
+                raise ValueError(f"{name}: channel counts and kernel size must be whole numbers within "
+                                 f"{MAX_CHANNELS} and {MAX_KERNEL}, got {sizes}")
+            out_channels, in_channels = sizes[0], sizes[1]
+            groups, kept = data["filter_groups"], data["kept_channels"]
+            if not _short_lists(groups, out_channels) or not _short_lists(kept, out_channels * in_channels):
+                raise ValueError(f"{name}: filter_groups and kept_channels must be lists of index lists "
+                                 f"no longer than the layer's {out_channels} filters and {in_channels} channels")
             layer = cls(
-                name=str(data["name"]),
-                out_channels=int(data["out_channels"]),
-                in_channels=int(data["in_channels"]),
-                kernel_size=(int(data["kernel_size"][0]), int(data["kernel_size"][1])),
-                filter_groups=[[int(i) for i in g] for g in data["filter_groups"]],
-                kept_channels=[sorted(int(i) for i in k) for k in data["kept_channels"]],
+                name=name,
+                out_channels=out_channels,
+                in_channels=in_channels,
+                kernel_size=(sizes[2], sizes[3]),
+                filter_groups=[[int(i) for i in g] for g in groups],
+                kept_channels=[sorted(int(i) for i in k) for k in kept],
                 grouping=str(data["grouping"]),
                 selection=str(data["selection"]),
                 score=None if data.get("score") is None else float(data["score"]),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise PlanError(f"malformed layer entry in plan: {exc!r}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed layer entry in plan: {detail}") from None
         layer.check()
         return layer
+
+
+def _short_lists(value: Any, total: int) -> bool:
+    """Whether `value` is a list of at most `total` lists of whole numbers, `total` entries in all
+    (lengths are compared before any entry is read)."""
+    return (
+        isinstance(value, list) and len(value) <= total and all(isinstance(v, list) for v in value)
+        and sum(len(v) for v in value) <= total and all(is_whole(i) for v in value for i in v)
+    )
 
 
 @dataclass
@@ -172,11 +201,22 @@ class MaskLayer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MaskLayer":
+        """A mask entry read from a file: its shape is checked against MAX_CHANNELS and MAX_KERNEL
+        and the bit string's length against it before any bit is read, then the entry (`check`)."""
         try:
-            layer = cls(str(data["name"]), str(data["granularity"]),
-                        tuple(int(d) for d in data["weight_shape"]), int(data["kept"]), str(data["bits"]))  # type: ignore[arg-type]
+            shape = data["weight_shape"]
+            limits = (MAX_CHANNELS, MAX_CHANNELS, MAX_KERNEL, MAX_KERNEL)
+            if not isinstance(shape, list) or len(shape) != 4 or not all(
+                    is_whole(v) and 1 <= v <= top for v, top in zip(shape, limits)):
+                raise ValueError(f"weight_shape must be 4 whole numbers within {MAX_CHANNELS} and {MAX_KERNEL}")
+            bits, kept = data["bits"], data["kept"]
+            if not isinstance(bits, str) or len(bits) > 2 * (shape[0] * shape[1] * shape[2] * shape[3] + 7) // 8 \
+                    or not is_whole(kept):
+                raise ValueError("bits must be a hex string no longer than the mask it holds, kept a whole number")
+            layer = cls(str(data["name"]), str(data["granularity"]), tuple(shape), kept, bits)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed mask entry in plan: {exc!r}") from None
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed mask entry in plan: {detail}") from None
         layer.check()
         return layer
 
@@ -201,10 +241,16 @@ class FilterLayer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FilterLayer":
+        """A filter entry read from a file, its size bounded by MAX_CHANNELS before the list is read."""
         try:
-            layer = cls(str(data["name"]), int(data["out_channels"]), [int(i) for i in data["kept"]])
+            filters, kept = data["out_channels"], data["kept"]
+            if not (is_whole(filters) and 1 <= filters <= MAX_CHANNELS) or not _short_lists([kept], filters):
+                raise ValueError(f"out_channels must be a whole number within {MAX_CHANNELS} and kept a list of "
+                                 "at most that many indices")
+            layer = cls(str(data["name"]), filters, [int(i) for i in kept])
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed filter entry in plan: {exc!r}") from None
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed filter entry in plan: {detail}") from None
         layer.check()
         return layer
 
@@ -262,8 +308,8 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> "PrunePlan":
-        if not isinstance(data, dict) or "layers" not in data or "method" not in data:
-            raise PlanError("not a pruning plan (expects an object with 'method' and 'layers')")
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "method" not in data:
+            raise PlanError("not a pruning plan (expects an object with 'method' and a list of 'layers')")
         if data.get("version") not in PLAN_VERSIONS:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expects one of {PLAN_VERSIONS})")
         try:

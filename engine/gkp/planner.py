@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.errors import CheckpointError, ConfigError, SnapshotError
+from ..common.errors import CheckpointError, SnapshotError
 from ..common.progress import Progress, ProgressCallback, check_cancel, report
 from .grouping import magnitude_snaking, random_grouping, smoothness_snaking
 from .layers import ConvLayer, discover_layers
@@ -254,9 +254,6 @@ def plan_pruning(
     layers = discover_layers(model, groups=config.groups, rate=config.rate, compat=config.compat,  # type: ignore[arg-type]
                              skip_stem=config.skip_stem, include_pointwise=config.include_pointwise,
                              exclude=config.exclude)
-    unknown = sorted(set(config.exclude) - {layer.name for layer in layers})
-    if unknown:
-        raise ConfigError(f"prune.exclude names no conv layer of this model: {', '.join(unknown)}")
     eligible = [layer for layer in layers if layer.eligible]
     needs_tickets = config.resolved_grouping == "tmi" and not all(_pointwise(layer) for layer in eligible)
     epochs = _ticket_snapshots(config, snapshots) if needs_tickets else []

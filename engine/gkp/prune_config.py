@@ -25,6 +25,7 @@ GKP_METHODS: dict[str, tuple[str, str]] = {
 METHODS: dict[str, tuple[str, str]] = {**GKP_METHODS, "itp": ("itp", "itp-mask"), "l1-filter": ("none", "l1-norm")}
 CLUSTER_PREFIX = "cluster:"
 MAX_BEAM_CANDIDATES = 4096  # a beam holds up to beam_width ** (check_every + 1) sets before a cut
+MAX_TICKET_EPOCH = 100_000  # as many epochs as fine-tuning allows
 GROUPINGS: tuple[str, ...] = (
     "smoothness-snaking", "magnitude-snaking", "random", "tmi", *(CLUSTER_PREFIX + s for s in SCHEMES),
 )
@@ -111,8 +112,9 @@ class PruneConfig:
         window = self.ticket_window
         if (not isinstance(window, (list, tuple)) or len(window) != 2
                 or not all(isinstance(e, int) and not isinstance(e, bool) for e in window)
-                or not 0 <= window[0] <= window[1]):
-            raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last, got {window!r}")
+                or not 0 <= window[0] <= window[1] <= MAX_TICKET_EPOCH):
+            raise ConfigError(f"prune.ticket_window must be two epochs [first, last] with 0 <= first <= last <= "
+                              f"{MAX_TICKET_EPOCH}, got {window!r}")
         whole("prune.ticket_step", self.ticket_step, 1)
         texts("prune.tmi_schemes", self.tmi_schemes, non_empty=True, distinct=True)
         for scheme in self.tmi_schemes:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..common.devices import resolve_device
+from ..common.devices import exact_fp32, resolve_device
 from ..common.errors import ConfigError
 from ..models.latency import measure_latency
 from ..models.surgery import remove_filters, silence_filters
@@ -414,14 +414,15 @@ def deploy_summary(model: nn.Module) -> dict[str, Any]:
 
 def equivalence_error(a: nn.Module, b: nn.Module, inputs: torch.Tensor | Iterable[torch.Tensor]) -> float:
     """Largest absolute difference between the two models' outputs over `inputs` (one batch or
-    several), both run in eval mode on their own device; their modes are restored after."""
+    several), both run in eval mode on their own device, in full fp32 (TF32 on an Ampere or newer
+    GPU alone differs by more than the 1e-4 the check allows); their modes are restored after."""
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     modes = (a.training, b.training)
     worst = 0.0
     try:
         a.eval()
         b.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32():
             for x in batches:
                 out_a = a(x.to(_device_of(a)))
                 out_b = b(x.to(_device_of(b)))

@@ -11,6 +11,9 @@ Accepted names for an explicit override (case-insensitive):
   (a bare `resnet50` means the CIFAR ResNet-50, since 50 = 6·8+2).
 - `package.module:factory`: the user's own model; the factory is called with `num_classes` and
   `in_channels` (taken from the weights) when it accepts them, otherwise with no arguments.
+  Only the user names code to run: a stored spec (`ArchSpec.from_dict`) of the `custom` family
+  is refused unless the caller allows that factory, and every other stored spec must be one of
+  the built-in families with parameters in range.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.errors import ArchitectureError
-from .cifar_resnet import NAMINGS, CifarResNet, blocks_per_stage
-from .cifar_vgg import MLP_HEAD_INDICES, CifarVGG16
+from ..common.checks import flag, one_of, whole
+from ..common.errors import ArchitectureError, ConfigError
+from .cifar_resnet import MAX_DEPTH, NAMINGS, SHORTCUTS, CifarResNet, blocks_per_stage
+from .cifar_vgg import HEADS, MLP_HEAD_INDICES, CifarVGG16
 
 FAMILIES: tuple[str, ...] = ("cifar_resnet", "cifar_vgg", "torchvision", "custom")
 CIFAR_RESNET_DEPTHS: tuple[int, ...] = (20, 32, 44, 56, 110)
@@ -39,7 +43,14 @@ TORCHVISION_RESNETS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 }
 TORCHVISION_VGGS: tuple[str, ...] = ("vgg16", "vgg16_bn")
 FACTORY_FORM = "package.module:factory"
+_FACTORY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 _SHOWN = 3  # near misses listed per kind in an error message
+# Ranges of stored architecture parameters: wide enough for any model the families describe,
+# small enough that checking a spec (built on the meta device) costs nothing.
+MAX_WIDTH = 1024
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 1024
+MAX_HIDDEN = 65_536
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -57,15 +68,20 @@ class ArchSpec:
         return {"family": self.family, "name": self.name, "params": dict(self.params)}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ArchSpec":
-        if (
-            not isinstance(data, Mapping)
-            or data.get("family") not in FAMILIES
-            or not isinstance(data.get("name"), str)
-            or not isinstance(data.get("params", {}), Mapping)
-        ):
-            raise ArchitectureError(f"malformed architecture record {data!r}")
-        return cls(str(data["family"]), str(data["name"]), dict(data.get("params", {})))
+    def from_dict(cls, data: Any, *, allow_factory: Callable[[str], bool] = lambda name: False) -> "ArchSpec":
+        """A stored spec, checked against the closed list of families and parameter ranges
+        (`ConfigError` naming the field). A `custom` factory is code, so it is accepted only when
+        `allow_factory(name)` says the user chose it (`ArchitectureError` otherwise)."""
+        if not isinstance(data, dict) or not isinstance(data.get("params", {}), dict):
+            raise ConfigError(f"arch must be a record with family, name and params, got {_short(data)}")
+        family, name, params = data.get("family"), data.get("name"), dict(data.get("params", {}))
+        one_of("arch.family", family, FAMILIES)
+        if not isinstance(name, str):
+            raise ConfigError(f"arch.name must be text, got {_short(name)}")
+        _check_params(family, name, params)
+        if family == "custom" and not allow_factory(name):
+            raise ArchitectureError(f"the architecture names the model factory {name}, which is code; it runs only when you name it")
+        return cls(family, name, params)
 
     def describe(self) -> str:
         """One-line human label, e.g. "CIFAR ResNet-20 (conv1/layer naming, option A: zero-pad
@@ -149,6 +165,56 @@ def compare_shapes(expected: Shapes, found: Shapes) -> StateMismatch:
     return StateMismatch(missing, unexpected, wrong)
 
 
+_PARAMS: dict[str, tuple[str, ...]] = {
+    "cifar_resnet": ("depth", "naming", "shortcut", "width", "num_classes", "in_channels"),
+    "cifar_vgg": ("batch_norm", "head", "hidden", "num_classes", "in_channels"),
+    "torchvision": ("num_classes", "in_channels"),
+    "custom": ("num_classes", "in_channels"),
+}
+
+
+def _check_params(family: str, name: str, params: dict[str, Any]) -> None:
+    """`ConfigError` naming the first stored parameter outside its family's keys or range."""
+    unknown = sorted(str(k) for k in params if k not in _PARAMS[family])
+    if unknown:
+        one_of(f"each of arch.params ({family})", unknown[0], _PARAMS[family])
+    for key, high in (("num_classes", MAX_CLASSES), ("in_channels", MAX_IN_CHANNELS), ("width", MAX_WIDTH),
+                      ("hidden", MAX_HIDDEN)):
+        if key in params:
+            whole(f"arch.params.{key}", params[key], 1, high)
+    if family == "cifar_resnet":
+        depth = params.get("depth")
+        try:
+            blocks_per_stage(depth)  # type: ignore[arg-type]
+        except ArchitectureError as exc:
+            raise ConfigError(f"arch.params.depth: {exc}") from None
+        one_of("arch.name", name, (f"resnet{depth}",))
+        one_of("arch.params.naming", params.get("naming", "layer"), NAMINGS)
+        one_of("arch.params.shortcut", params.get("shortcut", "A"), SHORTCUTS)
+    elif family == "cifar_vgg":
+        one_of("arch.name", name, ("vgg16", "vgg16_bn"))
+        flag("arch.params.batch_norm", params.get("batch_norm", True))
+        if params.get("batch_norm", True) != (name == "vgg16_bn"):
+            raise ConfigError(f"arch.params.batch_norm must be {name == 'vgg16_bn'} for {name}, got {params.get('batch_norm', True)}")
+        one_of("arch.params.head", params.get("head", "linear"), HEADS)
+    elif family == "torchvision":
+        one_of("arch.name", name, (*TORCHVISION_RESNETS, *TORCHVISION_VGGS))
+    elif not _FACTORY_NAME.fullmatch(name):
+        raise ConfigError(f"arch.name must be a {FACTORY_FORM} name, got {_short(name)}")
+
+
+def _short(value: Any) -> str:
+    """repr of a value read from a file, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_factory(arch: str) -> bool:
+    """Whether an architecture name is a user's `package.module:factory` (code to import)."""
+    text = arch.strip()
+    return ":" in text and not text.lower().startswith("torchvision:")
+
+
 def build_model(spec: ArchSpec) -> nn.Module:
     """A fresh, randomly initialised model for `spec`."""
     params = dict(spec.params)
@@ -208,7 +274,7 @@ def resolve_architecture(arch: str | None, state_dict: Mapping[str, Any]) -> Arc
     shapes = tensor_shapes(state_dict)
     text = arch.strip()
     lowered = text.lower()
-    if ":" in text and not lowered.startswith("torchvision:"):
+    if is_factory(text):
         spec = _factory_spec(text, shapes)
         mismatch = compare_shapes(tensor_shapes(build_model(spec).state_dict()), shapes)
     else:
@@ -370,7 +436,7 @@ def _named_spec(name: str, shapes: Shapes, io: dict[str, int] | None = None) -> 
             blocks_per_stage(depth)
         except ArchitectureError:
             alt = f"; did you mean torchvision:resnet{depth}?" if f"resnet{depth}" in TORCHVISION_RESNETS else ""
-            raise ArchitectureError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...), not {depth}{alt}") from None
+            raise ArchitectureError(f"a CIFAR ResNet has depth 6n+2 up to {MAX_DEPTH} (20, 32, 44, 56, 110, ...), not {depth}{alt}") from None
         guess = next((g for g in (_guess_cifar_resnet(shapes, n) for n in NAMINGS) if g is not None), None)
         params = dict(guess.params) if guess is not None else {"naming": "layer", "shortcut": "A", "width": 16, **io}
         params["depth"] = depth

@@ -34,11 +34,14 @@ _NAMES: dict[str, dict[str, str]] = {
 }
 
 
+MAX_DEPTH = 1202  # the deepest CIFAR ResNet in the literature (He et al. 2016)
+
+
 def blocks_per_stage(depth: int) -> int:
-    """n for a depth 6n+2 network; raises `ArchitectureError` for any other depth."""
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    """n for a depth 6n+2 network up to MAX_DEPTH; raises `ArchitectureError` for any other depth."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 8 <= depth <= MAX_DEPTH or (depth - 2) % 6:
         raise ArchitectureError(
-            f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...), not {depth!r}"
+            f"a CIFAR ResNet has depth 6n+2 up to {MAX_DEPTH} (20, 32, 44, 56, 110, ...), not {depth!r}"
         )
     return (depth - 2) // 6
 

@@ -1,16 +1,18 @@
 """Inference latency of a model on one device: eval mode, `torch.inference_mode`, a pinned CPU
-thread count and CUDA synchronisation, so original and pruned models are timed alike."""
+thread count, and on CUDA the cuDNN autotuner and synchronisation, so original and pruned
+models are timed alike."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..common.devices import resolve_device
+from ..common.devices import cudnn_benchmark, resolve_device
 from ..common.errors import ConfigError
 
 
@@ -69,7 +71,7 @@ def measure_latency(
     try:
         torch.set_num_threads(pinned)
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), cudnn_benchmark() if cuda else nullcontext():
             for _ in range(warmup):
                 model(x)
             sync()

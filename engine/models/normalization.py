@@ -4,6 +4,7 @@ workbench stores in every checkpoint it writes. Plain data here; the layer that 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,10 @@ class Normalization:
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
             raise ConfigError("normalisation needs as many std values as mean values")
-        if any(s <= 0 for s in self.std):
-            raise ConfigError("normalisation std values must be positive")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ConfigError(f"normalisation mean values must be finite numbers, got {list(self.mean)}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ConfigError(f"normalisation std values must be positive finite numbers, got {list(self.std)}")
 
     @property
     def channels(self) -> int:

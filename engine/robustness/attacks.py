@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..common.checks import MAX_SEED
 from ..common.devices import resolve_device
 from ..common.errors import ConfigError, DataError
 from ..common.progress import ProgressCallback
@@ -59,6 +60,8 @@ _NO_ZERO_EPS_CHECK = {"AutoAttack", "Square"}
 _CHECK_EXAMPLES = 32
 # torchattacks gives these integer defaults, but they are real-valued (CW's c and kappa, ...).
 _REAL_WITH_INT_DEFAULT = {"c", "kappa", "scale", "lam"}
+# Whole-number settings (steps, restarts, queries, batch sizes) stay below this; seeds below MAX_SEED.
+MAX_ATTACK_COUNT = 100_000
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per-channel lower and upper bounds of valid inputs in normalised space.
@@ -200,8 +203,9 @@ def _parse_value(attack: str, key: str, text: str, default: Any) -> Any:
     number = _number(raw)
     integer = isinstance(default, int) and key not in _REAL_WITH_INT_DEFAULT
     if integer or default is None and raw.lstrip("+-").isdigit():
-        if number is None or number != int(number):
-            raise ConfigError(f"{where} must be a whole number, got {raw!r}")
+        high = MAX_SEED if key == "seed" else MAX_ATTACK_COUNT
+        if number is None or number != int(number) or not 0 <= number <= high:
+            raise ConfigError(f"{where} must be a whole number from 0 to {high}, got {raw!r}")
         return int(number)
     if isinstance(default, (int, float)) or default is None and number is not None:
         if number is None:

@@ -67,6 +67,26 @@ class FrequencyReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def merge(cls, reports: Sequence["FrequencyReport"]) -> "FrequencyReport":
+        """Combine reports of disjoint shards (same thresholds) by summing counts; `seconds` is
+        the slowest shard's, as shards run in parallel."""
+        first = reports[0]
+        if any([r.theta for r in other.rows] != [r.theta for r in first.rows] for other in reports):
+            raise ConfigError("cannot merge frequency reports of different thresholds")
+        n = sum(r.n_examples for r in reports)
+        clean = sum(r.clean_correct for r in reports)
+        rows = []
+        for index, row in enumerate(first.rows):
+            low = sum(r.rows[index].low_correct for r in reports)
+            high = sum(r.rows[index].high_correct for r in reports)
+            rows.append(FrequencyRow(row.theta, low, high, low / n, high / n))
+        return cls(n, clean, clean / n, rows, first.image_size, _devices(reports), max(r.seconds for r in reports))
+
+
+def _devices(reports: Sequence[FrequencyReport | CorruptionReport]) -> str:
+    return ",".join(dict.fromkeys(r.device for r in reports))
+
 
 def low_pass_mask(height: int, width: int, theta: float) -> torch.Tensor:
     """(H, W) boolean mask of the fftshift-ed spectrum: True within distance θ of the centre
@@ -385,6 +405,39 @@ class CorruptionReport:
         data["per_corruption"] = self.per_corruption()
         return data
 
+    @classmethod
+    def merge(cls, reports: Sequence["CorruptionReport"]) -> "CorruptionReport":
+        """Combine reports of disjoint shards (same corruptions and severities) by summing
+        counts; `seconds` is the slowest shard's, as shards run in parallel."""
+        first = reports[0]
+        cells = [(r.corruption, r.severity) for r in first.results]
+        if any([(r.corruption, r.severity) for r in other.results] != cells for other in reports):
+            raise ConfigError("cannot merge corruption reports of different corruptions or severities")
+        n = sum(r.n_examples for r in reports)
+        clean = sum(r.clean_correct for r in reports)
+        results = []
+        for index, (name, severity) in enumerate(cells):
+            correct = sum(r.results[index].correct for r in reports)
+            results.append(CorruptionResult(name, severity, correct, correct / n))
+        return _corruption_report(n, clean, results, _devices(reports), max(r.seconds for r in reports), first.seed)
+
+
+def _corruption_report(n: int, clean: int, results: list[CorruptionResult], device: str, seconds: float,
+                       seed: int) -> CorruptionReport:
+    """The report of these counts, with the mean accuracy and the robustness ratio."""
+    mean_acc = sum(r.accuracy for r in results) / len(results)
+    return CorruptionReport(
+        n_examples=n,
+        clean_correct=clean,
+        clean_acc=clean / n,
+        results=results,
+        mean_acc=mean_acc,
+        robustness_ratio=mean_acc / (clean / n) if clean else None,
+        device=device,
+        seconds=seconds,
+        seed=seed,
+    )
+
 
 def corruption_probe(
     model: nn.Module,
@@ -440,16 +493,4 @@ def corruption_probe(
         for severity in levels
         for correct in [totals.correct[f"{name}@{severity}"]]
     ]
-    clean = totals.correct["clean"]
-    mean_acc = sum(r.accuracy for r in results) / len(results)
-    return CorruptionReport(
-        n_examples=n,
-        clean_correct=clean,
-        clean_acc=clean / n,
-        results=results,
-        mean_acc=mean_acc,
-        robustness_ratio=mean_acc / (clean / n) if clean else None,
-        device=str(dev),
-        seconds=time.perf_counter() - started,
-        seed=seed,
-    )
+    return _corruption_report(n, totals.correct["clean"], results, str(dev), time.perf_counter() - started, seed)

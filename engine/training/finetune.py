@@ -4,7 +4,13 @@ from which `resume=True` continues bit-for-bit (same seed, CPU).
 
 Shuffling, augmentation and Fast-AT's random start come from generators seeded by (seed, epoch),
 so an epoch's randomness does not depend on what ran before it; under torchrun every global batch
-is split across the processes, so N processes see the same batches as one."""
+is split across the processes, so N processes see the same batches as one, and BatchNorm
+statistics are synchronised across GPUs (SyncBatchNorm; gloo on CPU has none, so there each
+process normalises its own share). The processes agree at every step on whether to stop.
+
+On a GPU the loop does not wait on the host: batches come from the device or from pinned memory,
+augmentation draws are copied once per epoch, Fast-AT's noise is drawn on the device, and loss
+and accuracy are summed there and read only when reported."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +30,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..common.devices import cudnn_benchmark, device_autocast_dtype, resolve_device
 from ..common.distributed import DistContext
 from ..common.errors import Cancelled, CheckpointError, ConfigError, DataError
 from ..common.fileio import torch_save_atomic
-from ..common.progress import Progress, ProgressCallback, check_cancel, report
+from ..common.progress import Progress, ProgressCallback, report
 from ..data.augment import CropFlipDraws
+from ..data.batches import TrainBatches
 from ..data.datasets import DataBundle
 from ..gkp.reconstruct import dense_equivalent
 from ..models.normalization import Normalization
@@ -42,7 +50,10 @@ from .perturbation import neuron_perturbation, neuron_weights
 CROP_PAD = 4
 STATE_FILE = "last.pt"
 STATE_FORMAT = "gkp-finetune-state"
-STATE_VERSION = 1
+# Version 2 stores the CUDA random state of the device in use only (1: of every visible device).
+STATE_VERSION = 2
+# On CUDA the running loss is read (a host synchronisation) at most this often for progress.
+LOSS_READ_SECONDS = 0.5
 # Config keys a resumed run may change: they choose the hardware path, not what is computed.
 _RESUME_FREE = ("device", "compile")
 # Purposes of the per-epoch generators, mixed into their seeds.
@@ -87,6 +98,7 @@ class FinetuneResult:
     completed: bool
     device: str
     seconds: float
+    batchnorm: str = "single process"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (paths as strings), for reports."""
@@ -98,30 +110,46 @@ class FinetuneResult:
             "completed": self.completed,
             "device": self.device,
             "seconds": self.seconds,
+            "batchnorm": self.batchnorm,
         }
 
 
-def _generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*keys))
+def _generator(*keys: int, device: torch.device | None = None) -> torch.Generator:
+    return torch.Generator(device=device or "cpu").manual_seed(derive_seed(*keys))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Every global random state as tensors and plain values (loadable with weights_only)."""
+    """Every global random state as tensors and plain values (loadable with weights_only); of
+    CUDA, only the device in use, so a machine with fewer GPUs can resume."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
     }
 
 
+def saved_cuda_state(saved: torch.Tensor | list[torch.Tensor] | None, index: int) -> torch.Tensor | None:
+    """The CUDA random state to restore on device `index`: the one saved (version 2), or from a
+    version-1 list of every device the saving machine had, that device's entry (the first when
+    this machine numbers more devices than it had)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if not saved:
+        return None
+    return saved[index] if index < len(saved) else saved[0]
+
+
 def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cuda = saved_cuda_state(state["cuda"], index)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     saved = state["numpy"]
     np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
                          saved["has_gauss"], saved["cached_gaussian"]))
@@ -131,6 +159,54 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+
+
+class _SyncedBatchNorm:
+    """The model's BatchNorm layers swapped for SyncBatchNorm layers sharing their parameters
+    and buffers (batch statistics over every process's share of the batch, as one process
+    computes them), until `restore` puts the originals back with the trained values."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.swapped: list[tuple[nn.Module, str, _BatchNorm, nn.SyncBatchNorm]] = []
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                    synced = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+                    setattr(parent, name, synced)
+                    self.swapped.append((parent, name, child, synced))
+
+    def restore(self) -> None:
+        for parent, name, original, synced in reversed(self.swapped):
+            original.load_state_dict(synced.state_dict())
+            setattr(parent, name, original)
+        self.swapped.clear()
+
+
+def batchnorm_mode(ctx: DistContext, layers: int) -> str:
+    """How BatchNorm statistics are computed in this run, for the report."""
+    if not ctx.distributed:
+        return "single process"
+    if layers == 0:
+        return "no BatchNorm layers"
+    if ctx.device.type == "cuda":
+        return f"synchronised over {ctx.world_size} processes (SyncBatchNorm)"
+    return (f"per process: SyncBatchNorm needs CUDA, so each of the {ctx.world_size} gloo processes "
+            "normalises its own share of every batch")
+
+
+class _Meter:
+    """Summed loss, correct count and example count of an epoch, kept on the device so that
+    adding a step's values never waits for the step to finish."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        self.loss += loss.double()
+        self.correct += correct
+        self.count += count
 
 
 @contextmanager
@@ -154,9 +230,9 @@ def fgsm_random_start(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Fast-AT's adversarial batch (Wong et al., "Fast is better than free"): a uniform random
-    start in the ε-ball, one signed-gradient step of `alpha` on `loss_of`, clamped to the ball
-    and to [0, 1] pixels."""
-    noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+    start in the ε-ball (drawn on the generator's device), one signed-gradient step of `alpha` on
+    `loss_of`, clamped to the ball and to [0, 1] pixels."""
+    noise = (torch.rand(x.shape, generator=generator, device=generator.device) * 2 - 1) * eps
     delta = ((x + noise.to(x.device)).clamp(0, 1) - x).requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
@@ -165,15 +241,16 @@ def fgsm_random_start(
 
 def sharpness_perturbation(
     pairs: list[tuple[torch.Tensor, torch.Tensor]], rho: float, adaptive: bool
-) -> list[torch.Tensor] | None:
+) -> list[torch.Tensor]:
     """SAM's weight perturbation ρ·g/‖g‖ for each (weight, gradient) pair, or ASAM's
-    ρ·|w|²g/‖|w|g‖ (Kwon et al.); None when the gradient is zero or not finite. Any uniform
-    scale of the gradients (a loss scaler's) cancels out."""
+    ρ·|w|²g/‖|w|g‖ (Kwon et al.); zero when the gradient is zero or not finite (the step is then
+    a plain one), decided on the device without reading the norm. Any uniform scale of the
+    gradients (a loss scaler's) cancels out."""
     scaled = [w.abs() * g if adaptive else g for w, g in pairs]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
-    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
-        return None
-    return [rho * (w.abs() * s if adaptive else s) / norm for (w, _), s in zip(pairs, scaled)]
+    usable = torch.isfinite(norm) & (norm > 0)
+    return [torch.where(usable, rho * (w.abs() * s if adaptive else s) / norm, torch.zeros_like(s))
+            for (w, _), s in zip(pairs, scaled)]
 
 
 class _Run:
@@ -209,12 +286,6 @@ class _Run:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         core: nn.Module = with_normalization(model, norm).to(device)
-        if config.compile:
-            core = torch.compile(core)  # type: ignore[assignment]
-        self.core = core
-        self.net = (
-            DistributedDataParallel(core, device_ids=[device.index] if cuda else None) if ctx.distributed else core
-        )
         self.optimizer = torch.optim.SGD(
             self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -223,17 +294,35 @@ class _Run:
             if config.schedule == "step"
             else torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
         )
-        self.amp_dtype = None
-        if cuda and config.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = device_autocast_dtype(device) if config.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.batches = TrainBatches(data.train, device)
+        self.batchnorm = batchnorm_mode(ctx, sum(isinstance(m, _BatchNorm) for m in model.modules()))
+        # After every move: the synced layers share the tensors the model holds now.
+        self.synced = _SyncedBatchNorm(model) if ctx.distributed and cuda else None
+        try:
+            if config.compile:
+                core = torch.compile(core)  # type: ignore[assignment]
+            self.core = core
+            self.net = (
+                DistributedDataParallel(core, device_ids=[device.index] if cuda else None) if ctx.distributed else core
+            )
+        except BaseException:
+            self.close()
+            raise
         self.epoch = 0
         self.history: list[EpochRecord] = []
         self.best: dict[str, BestRecord] = {}
         n = len(data.train)  # type: ignore[arg-type]
         self.steps_per_epoch = len(self._global_batches(torch.arange(n)))
         self.steps_this_run = 0
-        self.started = time.perf_counter()
+        self.started = self.loss_read = time.perf_counter()
+
+    def close(self) -> None:
+        """Give the model back its own BatchNorm layers and stop the data loader's workers."""
+        if self.synced is not None:
+            self.synced.restore()
+        self.batches.close()
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -264,8 +353,7 @@ class _Run:
             return [(w, neuron_perturbation(w, w.grad, rho, adaptive=adaptive))
                     for _, w in neuron_weights(self.model) if w.grad is not None]
         pairs = [(p, p.grad) for p in self.params if p.grad is not None]
-        steps = sharpness_perturbation(pairs, rho, adaptive)
-        return None if steps is None else [(p, step) for (p, _), step in zip(pairs, steps)]
+        return [(p, step) for (p, _), step in zip(pairs, sharpness_perturbation(pairs, rho, adaptive))]
 
     def _sharpness_pass(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
         """SAM's second pass: gradient at the perturbed weights, left for the optimiser step."""
@@ -285,11 +373,13 @@ class _Run:
 
     def _step(
         self, x: torch.Tensor, y: torch.Tensor, scale: float, attack_rng: torch.Generator | None
-    ) -> tuple[float, int]:
-        """One optimiser step; returns the batch's summed loss and correct count."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step; returns the batch's summed loss and correct count, on the device.
+        Fast-AT's input gradient comes from the unscaled loss: only its sign is used, and a
+        scaled fp16 loss could overflow to inf."""
         if attack_rng is not None:
             x = fgsm_random_start(
-                lambda adv: self._scaled(self._loss(self.core, adv, y)[0]), x,
+                lambda adv: self._loss(self.core, adv, y)[0], x,
                 self.config.fastat_eps, self.config.fastat_alpha, attack_rng,
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,7 +392,7 @@ class _Run:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return float(loss.detach()), int((logits.detach().argmax(dim=1) == y).sum())
+        return loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
 
     # ---- one epoch ------------------------------------------------------------------------
 
@@ -314,56 +404,58 @@ class _Run:
             batches.pop()
         return batches
 
-    def _fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self.data.train[i] for i in indices.tolist()]
-        images = torch.stack([item[0] for item in items]).to(self.ctx.device)
-        labels = torch.tensor([int(item[1]) for item in items], dtype=torch.long, device=self.ctx.device)
-        return images, labels
-
     def train_epoch(self, epoch: int) -> EpochRecord:
-        """Train epoch `epoch` (0-based) over the train split and step the schedule."""
+        """Train epoch `epoch` (0-based) over the train split and step the schedule. Every
+        process checks for cancellation before each step, and all stop if any was cancelled."""
         config, ctx = self.config, self.ctx
         n = len(self.data.train)  # type: ignore[arg-type]
         batches = self._global_batches(torch.randperm(n, generator=_generator(config.seed, epoch, _SHUFFLE)))
         draws = (
-            CropFlipDraws.draw(n, CROP_PAD, self.data.flip_ok, _generator(config.seed, epoch, _AUGMENT))
+            CropFlipDraws.draw(n, CROP_PAD, self.data.flip_ok, _generator(config.seed, epoch, _AUGMENT)).to(ctx.device)
             if config.augment else None
         )
-        attack_rng = _generator(config.seed, epoch, _FASTAT, ctx.rank) if config.mode == "fastat" else None
+        attack_rng = (_generator(config.seed, epoch, _FASTAT, ctx.rank, device=ctx.device)
+                      if config.mode == "fastat" else None)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.net.train()
-        loss_sum, correct, count = 0.0, 0, 0
+        meter = _Meter(ctx.device)
         started = time.perf_counter()
+        local_batches = [batch[ctx.rank :: ctx.world_size] for batch in batches]
+        fetched = self.batches.epoch(local_batches)
         for step, batch in enumerate(batches, 1):
-            check_cancel(self.cancel)
-            local = batch[ctx.rank :: ctx.world_size]
-            x, y = self._fetch(local)
+            ctx.check_cancel(self.cancel)
+            x, y, local = next(fetched)
             if draws is not None:
                 x = draws.apply(x, local)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            batch_loss, batch_correct = self._step(x, y, ctx.world_size / len(batch), attack_rng)
-            loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + len(local)
+            meter.add(*self._step(x, y, ctx.world_size / len(batch), attack_rng), len(y))
             self.steps_this_run += 1
             self.hooks.after_step(epoch * self.steps_per_epoch + step, lr)
-            throughput = count * ctx.world_size / (time.perf_counter() - started)
-            self._report_step(epoch, step, loss_sum / count, lr, throughput)
+            self._report_step(epoch, step, meter, lr, meter.count * ctx.world_size / (time.perf_counter() - started))
         self.scheduler.step()
-        loss_sum, correct, count = self.ctx.all_reduce_sum([loss_sum, correct, count])
+        loss_sum, correct, count = self.ctx.all_reduce_sum([float(meter.loss), int(meter.correct), meter.count])
         seconds = time.perf_counter() - started
         return EpochRecord(epoch + 1, loss_sum / count, correct / count, lr, seconds, count / seconds)
 
-    def _report_step(self, epoch: int, step: int, loss: float, lr: float, images_per_second: float) -> None:
+    def _report_step(self, epoch: int, step: int, meter: _Meter, lr: float, images_per_second: float) -> None:
+        """Progress after a step; the running loss is included on the CPU every step, on CUDA
+        every `LOSS_READ_SECONDS` and at the end of an epoch (reading it waits for the GPU)."""
         if self.progress is None:
             return
         done = epoch * self.steps_per_epoch + step
         total = self.config.epochs * self.steps_per_epoch
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / self.steps_this_run * (total - done)
+        now = time.perf_counter()
+        eta = (now - self.started) / self.steps_this_run * (total - done)
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "lr": lr,
+                                   "images_per_second": images_per_second, "eta_seconds": eta}
+        if (self.ctx.device.type != "cuda" or step == self.steps_per_epoch
+                or now - self.loss_read >= LOSS_READ_SECONDS):
+            metrics["loss"] = float(meter.loss) / meter.count
+            self.loss_read = now
         report(self.progress, Progress(
             self.stage, done, total, f"epoch {epoch + 1}/{self.config.epochs} step {step}/{self.steps_per_epoch}",
-            {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss, "lr": lr,
-             "images_per_second": images_per_second, "eta_seconds": eta},
+            metrics,
         ))
 
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -445,6 +537,15 @@ class _Run:
             raise CheckpointError(f"{path} is not a readable fine-tuning state ({type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not a fine-tuning state written by the workbench")
+        try:
+            self._restore(path, state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is a damaged fine-tuning state ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        """`resume` once the file is known to be a fine-tuning state; a damaged one raises any of
+        the errors `resume` reports."""
+        assert self.out_dir is not None
         saved, current = state["config"], self.config.to_dict()
         changed = [k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
         if changed:
@@ -496,6 +597,7 @@ def finetune(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the run to continue")
     ctx = ctx or DistContext.from_env(config.device)
+    _check_device(config.device, ctx)
     if config.batch_size % ctx.world_size:
         raise ConfigError(
             f"finetune.batch_size {config.batch_size} must divide evenly over {ctx.world_size} processes"
@@ -510,26 +612,47 @@ def finetune(
     started = time.perf_counter()
     run: _Run | None = None
     completed = False
-    try:
-        run = _Run(model, data, norm, config, out, ctx, save_model, on_epoch_end, progress, cancel, hooks)
-        if resume:
-            run.resume()
-        else:
-            torch.manual_seed(config.seed)
-        for epoch in range(run.epoch, config.epochs):
-            run.hooks.start_epoch(epoch)
-            record = run.train_epoch(epoch)
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                record.val = run.evaluate(epoch + 1)
-            run.hooks.end_epoch(record)
-            run.finish_epoch(record)
-        ctx.barrier()
-        completed = True
-    except Cancelled:
-        pass
-    finally:
-        model.to(original)
-        if run is not None and run.channels_last:
-            model.to(memory_format=torch.contiguous_format)
+    with ExitStack() as stack:
+        if ctx.device.type == "cuda":
+            stack.enter_context(cudnn_benchmark())
+        try:
+            run = _Run(model, data, norm, config, out, ctx, save_model, on_epoch_end, progress, cancel, hooks)
+            if resume:
+                run.resume()
+            else:
+                torch.manual_seed(config.seed)
+            for epoch in range(run.epoch, config.epochs):
+                run.hooks.start_epoch(epoch)
+                record = run.train_epoch(epoch)
+                if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                    record.val = run.evaluate(epoch + 1)
+                run.hooks.end_epoch(record)
+                run.finish_epoch(record)
+            ctx.barrier()
+            completed = True
+        except Cancelled:
+            pass
+        finally:
+            if run is not None:
+                run.close()
+            model.to(original)
+            if run is not None and run.channels_last:
+                model.to(memory_format=torch.contiguous_format)
+    assert run is not None
     last = None if out is None or not (out / STATE_FILE).is_file() else out / STATE_FILE
-    return FinetuneResult(run.history, run.best, last, completed, str(ctx.device), time.perf_counter() - started)
+    return FinetuneResult(run.history, run.best, last, completed, str(ctx.device), time.perf_counter() - started,
+                          run.batchnorm)
+
+
+def _check_device(setting: str, ctx: DistContext) -> None:
+    """`finetune.device` other than `auto` must name the device the run computes on (under
+    torchrun each process takes its own GPU, so only the kind must match)."""
+    if setting.strip().lower() == "auto":
+        return
+    wanted = resolve_device(setting, "finetune.device")
+    index_differs = not ctx.distributed and wanted.index is not None and wanted.index != ctx.device.index
+    if wanted.type != ctx.device.type or index_differs:
+        raise ConfigError(
+            f"finetune.device {setting!r} differs from the device this run computes on ({ctx.device}); "
+            "set one device for the whole run"
+        )

@@ -18,3 +18,15 @@ def test_a_partial_bench_run_keeps_the_other_steps_results() -> None:
     assert merged["seconds"] == 350.0
     assert merged["command"] == "python -m bench, then python -m bench --steps tui --docs"
     assert with_earlier_steps(now, None) is now
+
+
+def test_finetune_throughput_compares_each_round_with_its_own_plain_loop() -> None:
+    from bench.finetune_throughput import summarise
+
+    rows = [{"device": "cpu", "loop": loop, "round": r, "images_per_second": rate}
+            for r, rates in ((1, (100.0, 90.0, 50.0, 40.0)), (2, (200.0, 190.0, 110.0, 70.0)), (3, (150.0, 160.0, 75.0, 60.0)))
+            for loop, rate in zip(("plain", "standard", "fastat", "asam"), rates)]
+    summary = {s["loop"]: s for s in summarise(rows)}
+    assert summary["plain"]["vs_plain"] == 1.0 and summary["plain"]["median"] == 150.0
+    assert summary["standard"]["vs_plain"] == 0.95  # median of 0.9, 0.95, 1.067: not 160 / 150
+    assert (summary["asam"]["n"], summary["asam"]["min"], summary["asam"]["max"]) == (3, 40.0, 70.0)

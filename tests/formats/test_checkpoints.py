@@ -301,5 +301,5 @@ def test_workbench_checkpoint_version_and_damage(tmp_path: Path, resnet20_state:
         load_checkpoint(newer)
     damaged = tmp_path / "damaged.pt"
     torch.save({**base, "version": 1, "arch": {"family": "lenet"}}, damaged)
-    with pytest.raises(CheckpointError, match="damaged gkp-workbench checkpoint: malformed architecture record"):
+    with pytest.raises(CheckpointError, match="damaged gkp-workbench checkpoint: arch.family must be one of"):
         load_checkpoint(damaged)

@@ -454,7 +454,48 @@ def test_equivalence_error_sees_a_difference_and_restores_modes() -> None:
     assert equivalence_error(model, model, x) == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class PrecisionProbe(nn.Module):
+    """Identity that records the fp32 precision cuDNN convolutions and cuBLAS products would use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return x
+
+
+def test_equivalence_error_compares_in_full_fp32_whatever_the_tf32_setting() -> None:
+    saved = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        a, b = PrecisionProbe(), PrecisionProbe()
+        assert equivalence_error(a, b, [torch.zeros(1, 2), torch.ones(1, 2)]) == 0.0
+        assert a.seen == b.seen == [("ieee", "ieee")] * 2
+        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.cuda
+def test_equivalence_holds_on_the_gpu_with_tf32_enabled() -> None:
+    """On Ampere and newer cuDNN convolves fp32 in TF32 by default, and the grouped and dense forms
+    take different algorithms; the check must still see them agree within 1e-4."""
+    factory, shape = MODELS["vgg16-cifar"]
+    model = randomize_bn(factory())
+    plan = random_plan(model)
+    grouped = apply_plan(model, plan, device="cuda")
+    reference = masked_dense(model, plan).cuda()
+    saved = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        assert equivalence_error(grouped, reference, torch.randn(8, *shape[1:], device="cuda")) < 1e-4
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = saved
+
+
+@pytest.mark.cuda
 def test_grouped_on_cuda_matches_masked() -> None:
     model = randomize_bn(CifarResNet(20))
     plan = random_plan(model)

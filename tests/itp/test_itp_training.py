@@ -32,7 +32,7 @@ def training(**changes) -> FinetuneConfig:
 def test_itp_on_the_sample_reaches_its_mac_target(small_digits: Any, tiny_cnn: Any) -> None:
     sample = load_checkpoint(SAMPLE_CHECKPOINT)
     shape = (1, 1, 32, 32)
-    itp = ItpConfig(epochs=2, prune_start=1, prune_end=1, hw_weight=2e5)
+    itp = ItpConfig(epochs=2, prune_start=1, prune_end=1, hw_weight=1e6)
     outcome = run_itp(sample.model, small_digits, sample.normalization, PruneConfig(), itp, training(), shape, None)
     masked = sum(c.macs for c in outcome.setup.costs.values())
     target = outcome.setup.whole_macs - (1 - outcome.setup.target) * masked

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.common.errors import ArchitectureError
+from engine.common.errors import ArchitectureError, ConfigError
 from engine.models.architectures import (
     ArchSpec,
     build_model,
@@ -161,7 +161,7 @@ def test_describe_and_dict_round_trip() -> None:
     assert "1 input channel" in vgg(False, channels=1).describe() and "without BN" in vgg(False).describe()
     assert torchvision_spec("vgg16_bn").describe() == "torchvision VGG-16-BN, 1000 classes, 3 input channels"
     assert ArchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    with pytest.raises(ArchitectureError, match="malformed architecture record"):
+    with pytest.raises(ConfigError, match="arch.family must be one of cifar_resnet, cifar_vgg, torchvision, custom, got 'lenet'"):
         ArchSpec.from_dict({"family": "lenet", "name": "x"})
 
 

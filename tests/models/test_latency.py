@@ -71,7 +71,7 @@ def test_missing_cuda_is_a_config_error() -> None:
         measure_latency(Recorder(), torch.randn(1, 4), device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_timing_moves_model_and_input() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     result = measure_latency(model, torch.randn(1, 3, 32, 32), device="cuda", warmup=1, repeats=3)

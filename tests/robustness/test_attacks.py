@@ -99,7 +99,9 @@ def test_spec_text_round_trips() -> None:
     [
         ("pgdd:eps=0.1", "unknown attack 'pgdd'; valid attacks: APGD, APGDT, AutoAttack"),
         ("pgd:epsilon=0.1", "attack PGD has no parameter 'epsilon'; valid parameters: eps, alpha, steps, random_start, label"),
-        ("pgd:steps=3.5", "attack PGD parameter steps must be a whole number, got '3.5'"),
+        ("pgd:steps=3.5", "attack PGD parameter steps must be a whole number from 0 to 100000, got '3.5'"),
+        ("pgd:steps=1e8", "attack PGD parameter steps must be a whole number from 0 to 100000, got '1e8'"),
+        ("square:n_queries=-1", "attack Square parameter n_queries must be a whole number from 0 to 100000, got '-1'"),
         ("fgsm:eps=big", "attack FGSM parameter eps must be a number (fractions such as 8/255 are fine), got 'big'"),
         ("fgsm:eps=1/0", "attack FGSM parameter eps must be a number"),
         ("pgd:random_start=maybe", "attack PGD parameter random_start must be true or false, got 'maybe'"),

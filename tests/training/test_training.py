@@ -126,7 +126,9 @@ def test_sharpness_perturbation_has_radius_rho() -> None:
     assert float(torch.cat([(e / wi.abs()).flatten() for e, wi in zip(adaptive, w)]).norm()) == pytest.approx(0.5)
     scaled = sharpness_perturbation([(wi, 1024 * gi) for wi, gi in zip(w, g)], 0.5, adaptive=True)
     assert all(torch.allclose(a, b) for a, b in zip(adaptive, scaled))
-    assert sharpness_perturbation([(w[0], torch.zeros(2))], 0.05, adaptive=False) is None
+    for degenerate in (torch.zeros(2), torch.tensor([float("inf"), 1.0]), torch.tensor([float("nan"), 1.0])):
+        (step,) = sharpness_perturbation([(w[0], degenerate)], 0.05, adaptive=False)
+        assert torch.equal(step, torch.zeros(2))  # a plain step, and never a NaN weight
 
 
 def test_resume_after_cancel_equals_an_uninterrupted_run(data, tmp_path: Path) -> None:

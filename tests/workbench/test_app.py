@@ -18,16 +18,12 @@ from torch.utils.data import Subset
 
 from engine.common.errors import ConfigError
 from engine.config import RunConfig
-from engine.formats.checkpoints import save_checkpoint
 from engine.gkp.layers import discover_layers
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.smoothness import filter_smoothness, kernel_smoothness
 from engine.gkp.traces import BeamCut, TraceEvent
-from engine.models.architectures import ArchSpec
-from engine.models.cifar_resnet import CifarResNet
 from engine.models.metrics import count_cost
-from engine.models.normalization import Normalization
 from sample_models import SAMPLE_CHECKPOINT, is_sample
 from widgets.heatmap import Heatmap
 from widgets.plots import ComparisonBars, CurvePlot
@@ -53,18 +49,6 @@ IMAGE_SIZE = 16  # small inputs keep pruning checks, evaluation and fine-tuning 
 
 
 # ---- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded, untrained CIFAR ResNet-20 for 1-channel digits, as a workbench checkpoint."""
-    torch.manual_seed(0)
-    spec = ArchSpec("cifar_resnet", "resnet20", {
-        "depth": 20, "naming": "layer", "shortcut": "A", "num_classes": 10, "in_channels": 1, "width": 16,
-    })
-    path = tmp_path_factory.mktemp("ckpt") / "resnet20_test.pt"
-    save_checkpoint(path, CifarResNet(20, num_classes=10, in_channels=1), spec, Normalization((0.2,), (0.3,)))
-    return path
 
 
 def make_config(checkpoint: Path | None, **extra: Any) -> RunConfig:

@@ -164,7 +164,12 @@ def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     toml.write_text("[prune\nrate = 1\n")
     unknown = tmp / "unknown.toml"
     unknown.write_text("[prune]\nrat = 0.5\n")
+    two_devices = tmp / "two_devices.toml"
+    two_devices.write_text("[run]\ndevice = \"auto\"\n[finetune]\ndevice = \"cpu\"\n")
     return {
+        "malformed device": (["--device", "cuda:-1"], "device must be auto, cpu, cuda or cuda:N"),
+        "non-numeric device": (["--device", "cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
+        "two devices": (["--config", str(two_devices)], "finetune.device must be auto or the same as run.device"),
         "missing file": ([str(tmp / "nope.pt")], "does not exist"),
         "corrupt file": ([str(corrupt)], "corrupt"),
         "unknown arch": ([str(foreign)], "architecture"),
@@ -175,11 +180,17 @@ def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad attack": (["--attacks", "fgsn:eps=0.1"], "fgsn"),
         "bad data": (["--data", "mnist"], "digits"),
         "missing normalisation": ([], "normalisation"),
+        "NaN normalisation": (["--normalize", "nan,nan"], "normalisation mean values must be finite numbers"),
+        "infinite std": (["--normalize", "0.5,inf"], "normalisation std values must be positive finite numbers"),
+        "huge seed": (["--seed", str(2**70)], "run.seed must be a whole number from 0 to 4294967295"),
+        "unbounded attack steps": (["--attacks", "pgd:steps=1e8"], "steps must be a whole number from 0 to 100000"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "corrupt file", "unknown arch", "rate out of range",
-                                  "groups not dividing", "bad TOML", "unknown key", "bad attack", "bad data"])
+                                  "groups not dividing", "bad TOML", "unknown key", "bad attack", "bad data",
+                                  "malformed device", "non-numeric device", "two devices",
+                                  "NaN normalisation", "infinite std", "huge seed", "unbounded attack steps"])
 def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args, phrase = _bad_checkpoint_cases(tmp_path)[case]
     out = tmp_path / "out"
@@ -271,4 +282,6 @@ def test_torchrun_two_processes_match_one(tmp_path: Path, quick_config: Path) ->
     one, two = json.loads(single.stdout)["evaluate"], json.loads(double.stdout)["evaluate"]
     assert two["n_examples"] == one["n_examples"] == 32
     assert two["clean_acc"] == one["clean_acc"] and two["attacks"] == one["attacks"]  # FGSM is deterministic
+    assert two["frequency"]["rows"] == one["frequency"]["rows"]  # the probes are sharded too
+    assert two["corruption"]["n_examples"] == one["corruption"]["n_examples"] == 32
     assert json.loads((tmp_path / "two" / "report.json").read_text())["evaluate"]["attacks"] == one["attacks"]

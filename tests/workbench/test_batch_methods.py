@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from engine.gkp.traces import read_jsonl
 from sample_models import use_sample_when_unset
 from workbench import batch
 from workbench.cli import main
+from workbench.run_folder import RunFolder
 
 QUICK_TOML = (
     "[evaluate]\nthresholds = [8]\nseverities = [3]\nbatch_size = 48\nmax_examples = 32\nbaseline = false\n"
@@ -126,12 +128,19 @@ def test_interrupted_warmup_resumes(small_data: None, quick: Path, tmp_path: Pat
                 cancel.set()
 
     out = tmp_path / "run"
-    with pytest.raises(Cancelled):
-        batch.run_batch(config, out, resume=False, force=False, progress=StopAfterEpochOne(open("/dev/null", "w")),
-                        cancel=cancel)
+    folder = RunFolder.for_run(out, name="sample", force=False)
+    try:
+        with pytest.raises(Cancelled), open(os.devnull, "w") as sink:
+            batch.run_batch(config, folder, resume=False, progress=StopAfterEpochOne(sink), cancel=cancel)
+    finally:
+        folder.close()
     assert json.loads((out / "state.json").read_text())["completed"] == []
-    report = batch.run_batch(RunConfig.load(out / "config.toml"), out, resume=True, force=False, progress=None,
-                             cancel=threading.Event())
+    folder = RunFolder.for_resume(out)
+    try:
+        report = batch.run_batch(RunConfig.load(out / "config.toml"), folder, resume=True, progress=None,
+                                 cancel=threading.Event())
+    finally:
+        folder.close()
     assert [r["epoch"] for r in report["warmup"]["history"]] == [1, 2]
     assert report["stages_completed"] == ["warmup"]
 
