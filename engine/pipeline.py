@@ -342,6 +342,29 @@ def itp_target_macs(itp: ItpOutcome) -> int | None:
     return round(itp.setup.whole_macs - masked + itp.setup.target * masked)
 
 
+# What SPEC §8 and §9 leave open and the workbench chose, named in the report.
+ITP_CHOICES: dict[str, str] = {
+    "masked_layers": "SPEC §1's eligible convs; the stem and the classifier stay unmasked",
+    "training_step": "one SGD step on weights and masks on the adversarial images only (clean with adversarial = false)",
+    "hardware_step": "autograd of b·L_HW through the straight-through masks, a plain step at the current lr, "
+                     "every prune_step iterations inside the window, none once the target is met",
+    "mask_regularisation": "the optimiser's weight decay on masks and weights alike (finetune.weight_decay)",
+    "freeze": "grouped-kernel: S = round(mean kept per group), every group its top-S by M; channel: at least one "
+              "channel; then, outside itp.tolerance, completion to the target by M",
+    "deployment": "grouped-kernel masks as GKP grouped convs; channel masks as one-group convs gathering the kept "
+                  "input channels (a producing conv keeps computing the outputs nobody reads); kernel and weight "
+                  "masks as zeroed weights",
+}
+WARMUP_CHOICES: dict[str, str] = {
+    "partitions": "the output filters of every conv and linear weight; BatchNorm and bias parameters unperturbed",
+    "importance_range": "s_min and s_max per layer, at every step",
+    "perturbation": "ρ_i·T_w²g_i/‖T_w g_i‖ with T_w = |w| + 0.01 (SPEC §9: the paper's Eq. 5 denominator is a typo)",
+    "optimiser": "the fine-tune table's (SPEC §7 CIFAR settings, not the paper's ImageNet recipe) at a constant lr",
+    "progressive_pruning": "every prune_frequency iterations the method re-plans on the current weights at "
+                           "1 − (1 − rate)^(r/R) and the weights it drops stay zero; the last plan is the result",
+}
+
+
 def itp_section(itp: ItpOutcome) -> dict[str, Any]:
     """What in-train pruning adds to the report's prune section."""
     freeze = itp.freeze
@@ -357,6 +380,7 @@ def itp_section(itp: ItpOutcome) -> dict[str, Any]:
         "completed_on": freeze.completed_on,
         "effective_params": itp.effective_params,
         "masked_layers": len(itp.setup.names),
+        "choices": ITP_CHOICES,
         "training": itp.training.to_dict(),
     }
 
@@ -380,7 +404,7 @@ def warmup_section(ws: Workspace, outcome: PhaseOutcome) -> dict[str, Any]:
     w = ws.config.warmup
     return {
         "epochs": w.epochs, "rho_min": w.rho_min, "rho_max": w.rho_max, "importance": w.importance,
-        "lr": ws.config.finetune.lr, "schedule": "constant", **outcome.training.to_dict(),
+        "lr": ws.config.finetune.lr, "schedule": "constant", "choices": WARMUP_CHOICES, **outcome.training.to_dict(),
     }
 
 

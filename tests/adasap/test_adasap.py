@@ -134,3 +134,27 @@ def test_progressive_pruning_zeroes_what_the_final_plan_drops(small_digits: Any,
     keeps = keep_masks(outcome.model, outcome.plan)
     assert keeps and all(bool((params[name][keep == 0] == 0).all()) for name, keep in keeps.items())
     assert any(e.kind == "final_choice" for e in outcome.events)  # the final plan's decisions are traced
+
+
+def test_per_filter_asam_is_algorithm_2_taken_literally(small_digits: Any, tiny_cnn: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sam_partition = "filter"`: every conv and linear weight is perturbed per filter at the one
+    radius (AdaSAP's train_iter with ρ_min = ρ_max); `global` normalises over all parameters."""
+    import engine.training.finetune as loop
+    from engine.training.finetune import finetune
+
+    calls: list[float] = []
+    real = loop.neuron_perturbation
+
+    def recording(weight, grad, rho, **kwargs):
+        calls.append(float(rho))
+        return real(weight, grad, rho, **kwargs)
+
+    monkeypatch.setattr(loop, "neuron_perturbation", recording)
+    per_filter, whole = tiny_cnn(), tiny_cnn()
+    finetune(per_filter, small_digits, small_digits.normalization,
+             training(epochs=1, mode="asam", sam_rho=2.0, sam_partition="filter"), None)
+    assert len(calls) == 3 * 4 and set(calls) == {2.0}  # 3 steps x (3 convs + the linear layer)
+    finetune(whole, small_digits, small_digits.normalization, training(epochs=1, mode="asam", sam_rho=2.0), None)
+    assert len(calls) == 12
+    assert not all(torch.equal(a, b) for a, b in zip(per_filter.state_dict().values(), whole.state_dict().values()))

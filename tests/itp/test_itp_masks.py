@@ -5,6 +5,7 @@ completion to the target) and the plan the masks become, reconstructed like GKP'
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from engine.gkp.reconstruct import (
 from engine.itp.complexity import Complexity, direct_readers, hw_loss, layer_costs
 from engine.itp.freeze import freeze_masks
 from engine.itp.itp_config import ItpConfig
-from engine.itp.masks import MaskedConv, install_masks, normalized, remove_masks
+from engine.itp.masks import MaskedConv, binarize, install_masks, normalized, remove_masks
 from engine.itp.to_plan import masks_to_plan
 from engine.itp.trainer import itp_setup
 from engine.models.cifar_resnet import CifarResNet
@@ -61,6 +62,9 @@ def test_straight_through_gradient_matches_finite_differences() -> None:
             d_norm = float((normalized(m + h) - normalized(m - h)) / (2 * h))
             assert float(analytic[o, c]) == pytest.approx(d_loss * d_norm, rel=1e-5, abs=1e-9)
     assert float(analytic.abs().min()) > 0  # every entry, on or off, gets a gradient
+    # ITP Eq. 2: M_norm = 0.5·tanh(M) + 0.5 and M_b = round(M_norm); M = 1 starts on, M = 0 is off.
+    assert float(normalized(torch.tensor(1.0))) == pytest.approx(0.5 * math.tanh(1.0) + 0.5)
+    assert binarize(torch.tensor([1.0, 0.0, -0.1])).tolist() == [1.0, 0.0, 0.0]
 
 
 def _two_layer_complexity(shares: tuple[float, float]) -> tuple[Complexity, dict[str, MaskedConv]]:

@@ -54,10 +54,11 @@ def test_itp_on_the_sample_reaches_its_mac_target(small_digits: Any, tiny_cnn: A
                for e in outcome.events if isinstance(e, MaskEpoch) and e.epoch == 2)
 
 
-@pytest.mark.parametrize("granularity", ["grouped-kernel", "kernel"])
-def test_resume_after_interrupt_equals_an_uninterrupted_run(small_digits: Any, tiny_cnn: Any, tmp_path: Path, granularity: str) -> None:
+@pytest.mark.parametrize(("granularity", "b"), [("grouped-kernel", 3e4), ("kernel", 1.5e5)])
+def test_resume_after_interrupt_equals_an_uninterrupted_run(small_digits: Any, tiny_cnn: Any, tmp_path: Path,
+                                                            granularity: str, b: float) -> None:
     prune = PruneConfig(rate=0.5, groups=4)
-    itp = ItpConfig(granularity=granularity, epochs=3, prune_start=1, prune_end=2, hw_weight=3e3)
+    itp = ItpConfig(granularity=granularity, epochs=3, prune_start=1, prune_end=2, hw_weight=b)
     args = (small_digits, small_digits.normalization, prune, itp, training(epochs=3), (1, 1, 32, 32))
     straight = run_itp(tiny_cnn(), *args, tmp_path / "a")
 
@@ -71,6 +72,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(small_digits: Any, t
         run_itp(tiny_cnn(), *args, tmp_path / "b", progress=stop_in_epoch_two, cancel=cancel)
     assert info.type.__name__ == "Cancelled"
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    assert any(e.turned_off for e in straight.events if isinstance(e, MaskEpoch) and e.epoch == 1)
     if granularity == "grouped-kernel":
         with pytest.raises(ConfigError, match="other itp settings"):  # filter groups of other weights
             run_itp(tiny_cnn(seed=7), *args, tmp_path / "b", resume=True)
