@@ -144,6 +144,9 @@ def check_prune_input(ws: Workspace) -> None:
     if method == "l1-filter":
         filter_chains(ws.model)
     elif method == "itp":
+        if ws.ctx.distributed:
+            raise ConfigError("in-train pruning runs in one process (its masks join the gradient only inside the "
+                              "pruning window, which DistributedDataParallel cannot follow); run it without torchrun")
         itp_setup(ws.model, ws.config.prune, ws.config.itp, ws.input_shape)
     else:
         check_prunable(ws)
