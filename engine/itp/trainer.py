@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,13 @@ def itp_setup(model: nn.Module, prune: PruneConfig, itp: ItpConfig, input_shape:
     names = [layer.name for layer in layers if layer.eligible]
     if not names:
         raise ConfigError("in-train pruning found no conv to mask (every conv is skipped: "
-                          + "; ".join(f"{l.name}: {l.reason}" for l in layers[:4]) + ")")
+                          + "; ".join(f"{layer.name}: {layer.reason}" for layer in layers[:4]) + ")")
     groups = {name: _filter_groups(name, model.get_submodule(name), prune.groups, itp.resolved_grouping, prune.seed)
               for name in names} if grouped else {}
     cost = count_cost(model, input_shape)
     return ItpSetup(
         names=names,
-        skipped=[SkippedLayer(l.name, l.reason or "not eligible") for l in layers if not l.eligible],
+        skipped=[SkippedLayer(layer.name, layer.reason or "not eligible") for layer in layers if not layer.eligible],
         filter_groups=groups,
         grouping=itp.resolved_grouping if grouped else "none",
         costs=layer_costs(model, names, input_shape, itp.granularity),
@@ -207,7 +207,6 @@ class ItpOutcome:
     setup: ItpSetup
     effective_macs: int
     effective_params: int
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 def training_config(finetune_config: FinetuneConfig, itp: ItpConfig) -> FinetuneConfig:
@@ -277,4 +276,4 @@ def run_itp(
     ]
     events += [TraceEvent.from_dict(e) for e in hooks.events]
     events += done
-    return ItpOutcome(work, plan, training, events, hooks.freeze, setup, macs, params_count, params)
+    return ItpOutcome(work, plan, training, events, hooks.freeze, setup, macs, params_count)

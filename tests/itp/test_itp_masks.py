@@ -22,7 +22,13 @@ from engine.gkp.reconstruct import (
 from engine.itp.complexity import Complexity, direct_readers, hw_loss, layer_costs
 from engine.itp.freeze import freeze_masks
 from engine.itp.itp_config import ItpConfig
-from engine.itp.masks import MaskedConv, binarize, install_masks, normalized, remove_masks
+from engine.itp.masks import (
+    MaskedConv,
+    binarize,
+    install_masks,
+    normalized,
+    remove_masks,
+)
 from engine.itp.to_plan import masks_to_plan
 from engine.itp.trainer import itp_setup
 from engine.models.cifar_resnet import CifarResNet
