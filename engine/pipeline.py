@@ -348,6 +348,10 @@ def itp_target_macs(itp: ItpOutcome) -> int | None:
 # What SPEC §8 and §9 leave open and the workbench chose, named in the report.
 ITP_CHOICES: dict[str, str] = {
     "masked_layers": "SPEC §1's eligible convs; the stem and the classifier stay unmasked",
+    "optimiser": "the fine-tune table's (SPEC §7: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 64, ×0.1 at "
+                 "1/2 and 3/4 of itp.epochs), not the paper's from-scratch recipe (lr 0.1, batch 128, weight decay 1e-4)",
+    "grouping": "grouped-kernel filter groups from smoothness or magnitude snaking, random, or contiguous (from "
+                "scratch); TMI clustering is not offered (it needs training snapshots of the ticket window)",
     "training_step": "one SGD step on weights and masks on the adversarial images only (clean with adversarial = false)",
     "hardware_step": "autograd of b·L_HW through the straight-through masks, a plain step at the current lr, "
                      "every prune_step iterations inside the window, none once the target is met",
