@@ -345,7 +345,7 @@ async def test_in_train_pruning_and_adasap_from_the_tui(checkpoint: Path, monkey
 
     def small(*args: Any, **kwargs: Any) -> Any:
         bundle = real(*args, **kwargs)
-        return dataclasses.replace(bundle, train=Subset(bundle.train, range(256)))
+        return dataclasses.replace(bundle, train=Subset(bundle.train, range(128)), val=Subset(bundle.val, range(32)))
 
     monkeypatch.setattr(pipeline, "load_data", small)
     app = WorkbenchApp(make_config(checkpoint, **{
