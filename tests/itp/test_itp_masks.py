@@ -185,3 +185,22 @@ def test_completion_turns_masks_on_when_learning_overshot() -> None:
     result = freeze_masks(layers, complexity, setup.target, setup.fixed_cost("macs"), 0.02)
     assert result.learned < 0.2 and result.completed_on > 0 and result.completed_off == 0
     assert result.target_met and result.achieved >= setup.target - 1e-9
+
+
+def test_an_unreachable_target_is_reported_not_forced(capsys: pytest.CaptureFixture[str]) -> None:
+    """Grouped-kernel masks keep at least one kernel per group, so rate 0.99 (ψ* = 0.01) cannot be
+    met: the freeze stops at the floor, says so, and batch mode warns instead of failing."""
+    import types
+
+    from workbench import batch
+
+    work, layers, setup = _resnet_with_learned_masks("grouped-kernel", 5)
+    complexity = Complexity(layers, setup.costs, "macs")
+    result = freeze_masks(layers, complexity, 0.01, setup.fixed_cost("macs"), 0.02)
+    assert not result.target_met and result.relative_error > 0.02
+    assert all(int(layer.binary[0].sum()) == 1 for layer in layers.values())  # S = 1 everywhere
+    outcome = types.SimpleNamespace(details={"itp": {"target_met": False, "achieved_complexity": result.achieved,
+                                                     "target_complexity": 0.01, "relative_error": result.relative_error}})
+    batch._warn_if_off_target(outcome)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: in-train pruning reached complexity") and "the model is saved" in err
