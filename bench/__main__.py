@@ -3,12 +3,14 @@ table and writing JSON under bench/results/ (git-ignored), then a summary of wha
 
     python -m bench [--quick | --full] [--steps prune,deploy,attacks,finetune,tui,methods,study] [--docs]
 
-Order and what --quick (default; 11-14 min measured on 2 shared cores) and --full run:
+Order and what --quick (default; 11-14 min measured on 2 shared cores, plus ~8 min since the
+prune step was rewritten) and --full run:
 
-1. prune    pruning time and peak memory (bench/prune_speed.py, one process per case): SR-GKP and
-            TMI-GKP on CIFAR ResNet-20/32/56/110 and SR-GKP on torchvision ResNet-50 (3x3 convs),
-            plus decision-trace sizes at the default trace level. Full adds TMI-GKP on ResNet-50
-            (36 ticket snapshots of 25 M weights, ~4 GB) and the full-level traces.
+1. prune    pruning time and peak memory in units of a ResNet-56 forward (bench/prune_speed.py,
+            one process per case): the engine with the trace off and on (SR-GKP ResNet-56 and
+            ResNet-50, TMI-GKP on the sample), the TUI's prune job, and the whole
+            `--batch --stages prune` command split into import / plan / rebuild / check /
+            latency. Quick: 2 interleaved repeats, without the ResNet-50 command; full: 5.
 2. deploy   deployed latency, original vs grouped / dense / auto (bench/deploy_latency.py):
             ResNet-20/56 at batch 1 and 64 (32 px), ResNet-50 at batch 1 (224 px) with 3x3 and
             with 1x1 convs pruned; NCHW, one thread. Full adds channels-last and ResNet-50 at
@@ -64,11 +66,6 @@ RESULTS_DIR = HERE / "results"
 BENCH_DOC = HERE.parent / "docs" / "BENCH.md"
 STEPS = ("prune", "deploy", "attacks", "finetune", "tui", "methods", "study", "study-methods")
 DEFAULT_STEPS = tuple(s for s in STEPS if s != "study-methods")
-QUICK_PRUNE_CASES = [
-    *(f"{m}:{n}" for m in ("sr-gkp", "tmi-gkp") for n in prune_speed.GRID_MODELS if (m, n) != ("tmi-gkp", "resnet50")),
-    "trace-resnet20-decisions",
-    "trace-resnet56-decisions",
-]
 
 
 def deploy_json(device: str) -> Path:
@@ -80,10 +77,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def step_prune(full: bool, docs: bool) -> dict[str, Any]:
-    cases = list(prune_speed.CASES) if full else QUICK_PRUNE_CASES
-    prune_speed.RESULTS.unlink(missing_ok=True)  # prune_speed merges into an existing file: start clean
-    prune_speed.main(cases)
-    return _read(prune_speed.RESULTS)
+    cases = prune_speed.CASES if full else [c for c in prune_speed.CASES if c != "command:sr-gkp:resnet50"]
+    return prune_speed.main(["--repeats", "5" if full else "2", *cases])
 
 
 def step_deploy(full: bool, docs: bool) -> dict[str, Any]:
@@ -129,12 +124,7 @@ RUNNERS: dict[str, Callable[[bool, bool], dict[str, Any]]] = {
 
 
 def render_prune(data: dict[str, Any]) -> str:
-    lines = ["| case | wall s | CPU s | peak RSS MB | target s |", "|---|---:|---:|---:|---:|"]
-    order = list(prune_speed.CASES)
-    for name, r in sorted(data["results"].items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
-        target = f"≤ {r['target_s']:g}" if "target_s" in r else ""
-        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {target} |")
-    return "\n".join(lines)
+    return prune_speed.render(data["results"])
 
 
 def render_deploy(data: dict[str, Any]) -> str:

@@ -4,9 +4,10 @@ for CIFAR ResNet-20/56 and torchvision ResNet-50, in NCHW and channels-last, at 
 
     python -m bench.deploy_latency [OUT.json] [--threads 1] [--rounds 5] [--full] [--quick] [--device cpu]
 
-Models are measured in interleaved rounds (each round times every form once); the table and the
-speedups use the lowest per-round 10th percentile (the JSON also has the median of the round
-medians), since on a shared machine load spikes only ever add time.
+Models are measured in interleaved rounds (`engine.models.latency.interleaved_latency`: each round
+times every form once, in a rotated order); the table and the speedups use the lowest per-round
+10th percentile (the JSON also has the median of the round medians and their spread), since on a
+shared machine load spikes only ever add time.
 Plans use random grouping and selection: latency depends on the kept counts, not on which
 kernels are kept."""
 
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -30,7 +30,7 @@ from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.reconstruct import apply_plan, deploy_summary
 from engine.models.cifar_resnet import CifarResNet
-from engine.models.latency import measure_latency
+from engine.models.latency import interleaved_latency
 from engine.models.metrics import count_cost
 
 FORMS = ("original", "grouped", "dense", "auto")
@@ -66,20 +66,6 @@ def cases(full: bool, quick: bool) -> list[Case]:
     return chosen
 
 
-def interleaved(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, repeats: int, threads: int) -> dict[str, dict[str, float]]:
-    """Per form: the median of the per-round medians, and `best_ms`, the lowest per-round 10th
-    percentile; forms are rotated each round."""
-    medians: dict[str, list[float]] = {name: [] for name in models}
-    fast: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            result = measure_latency(models[name], x, warmup=1, repeats=repeats, threads=threads)
-            medians[name].append(result.median_ms)
-            fast[name].append(result.p10_ms)
-    return {name: {"median_ms": float(np.median(medians[name])), "best_ms": float(np.min(fast[name]))} for name in models}
-
-
 def run_case(case: Case, memory_format: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build, prune, deploy in every form and time one case."""
     torch.manual_seed(0)
@@ -97,7 +83,8 @@ def run_case(case: Case, memory_format: str, args: argparse.Namespace) -> dict[s
         decide_s = time.perf_counter() - start
         models = {"original": model, "grouped": apply_plan(model, plan, form="grouped"),
                   "dense": apply_plan(model, plan, form="dense"), "auto": auto}
-        latency = interleaved(models, x, args.rounds, args.repeats, args.threads)
+        timing = interleaved_latency(models, x, rounds=args.rounds, repeats=args.repeats, threads=args.threads)
+        latency = {name: times.to_dict() for name, times in timing.items()}
     finally:
         torch.set_num_threads(previous_threads)
     per_layer = deploy_summary(auto)["layers"]

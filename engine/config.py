@@ -44,9 +44,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """`digits`, `cifar10:PATH` or `imagefolder:PATH`, and how to split it."""
+    """`digits`, `cifar10:PATH` or `imagefolder:PATH`, and how to split it. Empty means no data:
+    the engine never guesses a dataset (the front ends fill in `digits` for the bundled sample),
+    so recalibration and accuracy are skipped and fine-tuning and evaluation refuse to start."""
 
-    spec: str = "digits"
+    spec: str = ""
     val_fraction: float = 0.1
     image_size: int = 0
 

@@ -9,7 +9,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,13 @@ from .adasap.phases import PhaseOutcome, run_progressive, run_warmup
 from .adasap.sharpness import Sharpness, sharpness
 from .baselines.filter_pruning import filter_plan
 from .common.distributed import DistContext
-from .common.errors import Cancelled, ConfigError, SnapshotError
+from .common.errors import Cancelled, ConfigError, DataError, SnapshotError
+from .common.memory import release_free_memory
 from .common.progress import ProgressCallback
 from .config import RunConfig
-from .data.datasets import DataBundle, load_data
-from .formats.checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
-from .formats.snapshots import load_snapshots
+from .data.datasets import DEFAULT_IMAGE_SIZE, SPEC_HELP, DataBundle, load_data
+from .formats.checkpoints import WORKBENCH_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .formats.snapshots import SnapshotSource, open_snapshots
 from .gkp.layers import ConvLayer, discover_layers
 from .gkp.plan import PrunePlan
 from .gkp.planner import plan_pruning
@@ -39,36 +40,59 @@ from .gkp.reconstruct import (
 )
 from .gkp.traces import SharpnessMeasured, TraceEvent
 from .itp.trainer import ItpOutcome, itp_setup, run_itp
-from .models.latency import compare_latency
+from .models.batchnorm import Recalibration, copy_batchnorm_statistics, recalibrate_batchnorm
+from .models.latency import RoundTimes, interleaved_latency, latency_verdict
 from .models.metrics import ModelCost, count_cost
 from .models.normalization import Normalization, parse_normalization
 from .models.normalize_layer import Normalize
-from .models.surgery import filter_chains
-from .robustness.attacks import RobustnessReport, parse_attack
+from .models.surgery import filter_batchnorm_channels, filter_chains
+from .robustness.attacks import RobustnessReport, evaluate_robustness, parse_attack
+from .robustness.collapse import collapse_warnings
 from .robustness.probes import CorruptionReport, FrequencyReport
 from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_sharded
 from .training.finetune import FinetuneResult, finetune
 
 
+DATA_KEY = "data"  # checkpoint metadata: the data spec a workbench checkpoint was made with
+UNKNOWN_NORMALIZATION = "unknown"  # how `Workspace.normalization_source` starts when it was guessed
+NO_DATA = (
+    "no data is set, so BatchNorm statistics were not recalibrated and accuracy was not measured "
+    "(the pruned model's accuracy may have collapsed); pass --data"
+)
+
+
 @dataclass
 class Workspace:
-    """An opened model with its data, ready for any stage."""
+    """An opened model with its data (None when none is set: the engine never guesses one),
+    ready for any stage."""
 
     config: RunConfig
     checkpoint: LoadedCheckpoint
     normalization: Normalization
     normalization_source: str
-    data: DataBundle
+    data: DataBundle | None
     device: torch.device
     ctx: DistContext = field(default_factory=DistContext)
+    data_source: str = "configured"
 
     @property
     def model(self) -> nn.Module:
         return self.checkpoint.model
 
     @property
+    def in_channels(self) -> int:
+        return model_channels(self.checkpoint)
+
+    @property
     def input_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+        size = self.data.image_size if self.data is not None else self.config.data.image_size or DEFAULT_IMAGE_SIZE
+        return (1, self.in_channels, size, size)
+
+    def require_data(self, what: str) -> DataBundle:
+        """The dataset, or `ConfigError` saying that `what` needs one."""
+        if self.data is None:
+            raise ConfigError(f"{what} needs data and none is set: pass --data ({SPEC_HELP})")
+        return self.data
 
     @cached_property
     def cost(self) -> ModelCost:
@@ -88,9 +112,19 @@ class Workspace:
             skip_stem=p.skip_stem, include_pointwise=p.include_pointwise, exclude=p.exclude,
         )
 
+    @property
+    def example_source(self) -> str:
+        """What `example_batch` holds, for reports."""
+        return "test images" if self.data is not None else "random images (no data set)"
+
     def example_batch(self, size: int = 32) -> torch.Tensor:
-        """The first `size` test images, normalised: a real batch for equivalence checks."""
-        images = torch.stack([self.data.test[i][0] for i in range(min(size, len(self.data.test)))])
+        """The first `size` test images, normalised: a real batch for equivalence checks and
+        timing. Without data, seeded uniform random images stand in."""
+        if self.data is None:
+            generator = torch.Generator().manual_seed(self.config.run.seed)
+            images = torch.rand((size, *self.input_shape[1:]), generator=generator)
+        else:
+            images = torch.stack([self.data.test[i][0] for i in range(min(size, len(self.data.test)))])
         return Normalize(self.normalization)(images)
 
 
@@ -105,25 +139,76 @@ def open_workspace(config: RunConfig) -> Workspace:
         path, arch=config.model.arch or None, normalization=override,
         trust_pickle=config.model.trust_pickle,
     )
-    in_channels = int(checkpoint.arch.params.get("in_channels", 3))
-    data = load_data(
-        config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
-        seed=config.run.seed, val_fraction=config.data.val_fraction,
-    )
+    in_channels = model_channels(checkpoint)
+    needing = [stage for stage in ("warmup", "finetune", "evaluate") if stage in config.run.stages]
+    data, data_source = None, "configured"
+    recorded = checkpoint.metadata.get(DATA_KEY)
+    if not config.data.spec and checkpoint.source_format.startswith(WORKBENCH_FORMAT) and isinstance(recorded, str):
+        # A checkpoint the workbench wrote names the data it was made with, as it stores the
+        # normalisation: the resolved config (and so config.toml) says which data was used.
+        config.data.spec, data_source = recorded, "recorded in the checkpoint"
+    if config.data.spec:
+        try:
+            data = load_data(
+                config.data.spec, channels=in_channels, image_size=config.data.image_size or None,
+                seed=config.run.seed, val_fraction=config.data.val_fraction,
+            )
+        except DataError as exc:
+            if data_source == "configured":
+                raise
+            raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
+        check_fit(checkpoint, data, config.data.spec)
+    elif needing:
+        stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
+        raise ConfigError(
+            f"{stages} data and none is set: pass --data ({SPEC_HELP}); "
+            "the workbench does not guess which dataset a model was trained on"
+        )
     if override is not None:
         norm, source = override, "set by the user"
     elif checkpoint.normalization is not None:
         norm, source = checkpoint.normalization, "stored in the checkpoint"
-    elif {"warmup", "finetune", "evaluate"} & set(config.run.stages) or trains_to_prune(config):
-        raise ConfigError(
-            f"{path.name} does not record its input normalisation; pass --normalize "
-            "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
-        )
+    elif needing:
+        raise unknown_normalization(path)
+    elif data is not None:
+        norm, source = data.normalization, f"{UNKNOWN_NORMALIZATION}: the dataset's own statistics are used"
     else:
-        norm, source = data.normalization, "unknown: the dataset's own statistics are used"
+        norm = parse_normalization("none")
+        source = f"{UNKNOWN_NORMALIZATION}: none applied (no data to estimate it from)"
     norm = norm.for_channels(in_channels)
     ctx = DistContext.from_env(config.run.device)
-    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx)
+    return Workspace(config, checkpoint, norm, source, data, ctx.device, ctx, data_source)
+
+
+def model_channels(checkpoint: LoadedCheckpoint) -> int:
+    """Input channels the model takes (3 where its architecture does not say)."""
+    return int(checkpoint.arch.params.get("in_channels", 3))
+
+
+def check_fit(checkpoint: LoadedCheckpoint, data: DataBundle, spec: str) -> None:
+    """Refuse data the model cannot have been trained on: a different class count, or images
+    stored with a different number of channels (a grey dataset for an RGB model, or the reverse)."""
+    params = checkpoint.arch.params
+    classes = params.get("num_classes")
+    if classes is not None and int(classes) != data.num_classes:
+        raise ConfigError(
+            f"the model has {classes} outputs but {spec} has {data.num_classes} classes: "
+            "pass the data the model was trained on with --data"
+        )
+    channels = model_channels(checkpoint)
+    if data.source_channels is not None and data.source_channels != channels:
+        raise ConfigError(
+            f"{spec} images have {data.source_channels} channel{'s' if data.source_channels != 1 else ''} "
+            f"but the model takes {channels}: pass the data the model was trained on with --data"
+        )
+
+
+def unknown_normalization(path: Path) -> ConfigError:
+    """The error for a checkpoint without its input normalisation, where a stage needs it."""
+    return ConfigError(
+        f"{path.name} does not record its input normalisation; pass --normalize "
+        "(cifar10, imagenet, none or MEAN,STD) as the model was trained"
+    )
 
 
 def trains_to_prune(config: RunConfig) -> bool:
@@ -139,8 +224,13 @@ def progressive(config: RunConfig) -> bool:
 
 def check_prune_input(ws: Workspace) -> None:
     """Fail before any work when the configured method cannot prune this model: no eligible
-    layer, an architecture L1 filter pruning does not know, or missing TMI snapshots."""
+    layer, an architecture L1 filter pruning does not know, missing TMI snapshots, or, for a
+    method that trains, no data or an unknown input normalisation."""
     method = ws.config.prune.method
+    if trains_to_prune(ws.config):
+        ws.require_data("in-train pruning" if method == "itp" else "progressive pruning")
+        if ws.normalization_source.startswith(UNKNOWN_NORMALIZATION):
+            raise unknown_normalization(ws.checkpoint.path)
     if method == "l1-filter":
         filter_chains(ws.model)
     elif method == "itp":
@@ -168,9 +258,9 @@ def check_prunable(ws: Workspace) -> None:
     )
 
 
-def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
+def load_ticket_snapshots(ws: Workspace) -> SnapshotSource:
     """Training snapshots of the ticket window for TMI-GKP, from the configured folder or
-    archive."""
+    archive, read one at a time as pruning asks for them."""
     if ws.config.model.snapshots:
         source = Path(ws.config.model.snapshots)
     else:
@@ -179,18 +269,37 @@ def load_ticket_snapshots(ws: Workspace) -> dict[int, dict[str, torch.Tensor]]:
             "(a folder of per-epoch checkpoints)"
         )
     p = ws.config.prune
-    return load_snapshots(
+    return open_snapshots(
         source, reference=ws.checkpoint.state_dict, window=tuple(p.ticket_window), step=p.ticket_step
     )
 
 
 @dataclass
+class AccuracyCheck:
+    """Validation accuracy right after pruning, on the same `n` images: the unpruned model, the
+    pruned one with its stale BatchNorm statistics (`raw`) and after recalibration (None when
+    recalibration was off or found no BatchNorm); `warnings` flag collapsed models in words."""
+
+    split: str
+    n: int
+    before: float
+    raw: float
+    recalibrated: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "before": self.before, "raw": self.raw,
+                "recalibrated": self.recalibrated}
+
+
+@dataclass
 class PruneOutcome:
     """A pruned model (grouped form: the one to train and save), its deployed form, and the
-    measurements that show what pruning did. `effective_macs` counts only the MACs of weights
-    that are kept (for zeroed-weight masks less than the deployed model computes); `details`
-    holds what a method adds to the report (in-train pruning's masks, the L1 ratio, AdaSAP's
-    progressive schedule)."""
+    measurements that show what pruning did. `accuracy` and `recalibration` are None without
+    data; `notes` say what was skipped and why; `snapshots` names the TMI tickets used.
+    `effective_macs` counts only the MACs of weights that are kept (for zeroed-weight masks less
+    than the deployed model computes); `details` holds what a method adds to the report
+    (in-train pruning's masks, AdaSAP's progressive schedule)."""
 
     plan: PrunePlan
     model: nn.Module
@@ -198,16 +307,42 @@ class PruneOutcome:
     cost_before: ModelCost
     cost_after: ModelCost
     equivalence_max_abs_err: float
+    equivalence_input: str
     seconds: float
-    latency_ms: dict[str, float]
+    step_seconds: dict[str, float]
+    latency: dict[str, RoundTimes]
     latency_batch: int
     deploy: dict[str, Any] = field(default_factory=dict)
+    accuracy: AccuracyCheck | None = None
+    recalibration: Recalibration | None = None
+    snapshots: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
     effective_macs: int | None = None
     target_macs: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def latency_verdict(self) -> str:
+        """faster, slower or within noise (the pruned model against the original); always within
+        noise when no pruned layer is deployed grouped, since the deployed model then runs the
+        original's convolutions with zeros in place of the pruned kernels."""
+        if not self.deploy.get("counts", {}).get("grouped"):
+            return "within noise"
+        return latency_verdict(self.latency["original"], self.latency["pruned"])
 
-def method_plan(ws: Workspace, model: nn.Module, rate: float, *, snapshots: dict[int, dict[str, torch.Tensor]] | None,
+    @property
+    def speedup(self) -> float:
+        """Original over pruned median latency."""
+        after = self.latency["pruned"].median_ms
+        return self.latency["original"].median_ms / after if after else 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        """Everything a reader of the numbers must know: skipped steps and collapsed models."""
+        return [*self.notes, *([] if self.accuracy is None else self.accuracy.warnings)]
+
+
+def method_plan(ws: Workspace, model: nn.Module, rate: float, *, snapshots: SnapshotSource | None,
                 on_event: Callable[[TraceEvent], None] | None = None, progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None) -> PrunePlan:
     """The plan the configured method (GKP or L1 filters) makes of `model`'s current weights at `rate`."""
@@ -217,6 +352,62 @@ def method_plan(ws: Workspace, model: nn.Module, rate: float, *, snapshots: dict
         return filter_plan(model, config, ws.input_shape, arch)[0]
     return plan_pruning(model, config, snapshots=snapshots, arch=arch, on_event=on_event, progress=progress,
                         cancel=cancel)
+
+
+def _stage_progress(progress: ProgressCallback | None, stage: str, what: str) -> ProgressCallback | None:
+    """`progress` with its reports relabelled as `stage` and their message prefixed by `what`."""
+    if progress is None:
+        return None
+    return lambda p: progress(replace(p, stage=stage, message=f"{what}: {p.message}".rstrip(": ")))
+
+
+def validation_accuracy(
+    ws: Workspace, model: nn.Module, what: str, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> RobustnessReport:
+    """Clean accuracy of `model` on the whole validation split (no attack), with how often it
+    predicted each class."""
+    data = ws.require_data("measuring accuracy")
+    return evaluate_robustness(
+        model, ws.normalization, data.val, [], batch_size=ws.config.evaluate.batch_size,
+        device=str(ws.device), seed=ws.config.run.seed, progress=_stage_progress(progress, "accuracy", what),
+        cancel=cancel,
+    )
+
+
+def recalibrate_and_check(
+    ws: Workspace, original: nn.Module, masked: nn.Module, *,
+    progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+) -> tuple[AccuracyCheck, Recalibration | None]:
+    """Measure the unpruned and the freshly pruned model (`masked`, its dense form) on the
+    validation split, re-estimate `masked`'s BatchNorm statistics on training images (SPEC §7,
+    `prune.recalibrate_images`; in place) and measure it again."""
+    data = ws.require_data("recalibration")
+    classes = data.classes
+    labels = {"before": "unpruned model", "raw": "pruned model before BatchNorm recalibration",
+              "recalibrated": "pruned model after BatchNorm recalibration"}
+    reports = {"before": validation_accuracy(ws, original, labels["before"], progress=progress, cancel=cancel),
+               "raw": validation_accuracy(ws, masked, labels["raw"], progress=progress, cancel=cancel)}
+    images = ws.config.prune.recalibrate_images
+    recalibration = None
+    if images:
+        recalibration = recalibrate_batchnorm(
+            masked, data.train, ws.normalization, n_images=images, batch_size=ws.config.evaluate.batch_size,
+            seed=ws.config.run.seed, device=ws.device, progress=progress, cancel=cancel,
+        )
+        if recalibration.layers:
+            reports["recalibrated"] = validation_accuracy(ws, masked, labels["recalibrated"], progress=progress,
+                                                          cancel=cancel)
+    before = reports["before"].clean_acc
+    warnings = [
+        warning for key, r in reports.items()
+        for warning in collapse_warnings(labels[key], r.clean_acc, r.clean_predicted, classes,
+                                         reference=None if key == "before" else (labels["before"], before))
+    ]
+    after = reports.get("recalibrated")
+    check = AccuracyCheck("val", reports["raw"].n_examples, before, reports["raw"].clean_acc,
+                          None if after is None else after.clean_acc, warnings)
+    return check, recalibration
 
 
 def prune(
@@ -230,26 +421,29 @@ def prune(
     cancel: threading.Event | None = None,
 ) -> PruneOutcome:
     """Prune `model` (default: the opened one) with the configured method — planned once, trained
-    with masks (in-train pruning), or on AdaSAP's progressive schedule after a warmup — rebuild it
-    in grouped and deployed form, and check both against the masked dense model on a real test
-    batch. Methods that train keep `last.pt` in `out_dir` and `resume` from it. Under torchrun
-    rank 0 plans one-shot methods and the others receive its plan; methods that train run on
-    every process. `ws.model` and `model` are read, never moved or changed, so other jobs may
-    use them meanwhile."""
+    with masks (in-train pruning), or on AdaSAP's progressive schedule after a warmup — then
+    recalibrate the pruned model's BatchNorm statistics (measuring validation accuracy before and
+    after), rebuild it in grouped and deployed form, check both against the masked dense model on
+    a real test batch, and time the deployed model against the opened one in interleaved rounds.
+    Methods that train keep `last.pt` in `out_dir` and `resume` from it. Under torchrun rank 0
+    plans one-shot methods and the others receive its plan; methods that train run on every
+    process. `ws.model` and `model` are read, never moved or changed, so other jobs may use them
+    meanwhile."""
     config = ws.config
     source = ws.model if model is None else model
     check_prune_input(ws)
-    snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
     start = time.perf_counter()
     details: dict[str, Any] = {}
     effective = target = None
+    snapshots: SnapshotSource | None = None  # opened where the plan is made, named in the report by rank 0
     if config.prune.method == "itp":
-        itp = run_itp(source, ws.data, ws.normalization, config.prune, config.itp, config.finetune, ws.input_shape,
-                      out_dir, resume=resume, arch=ws.checkpoint.arch.to_dict(), progress=progress, cancel=cancel,
-                      ctx=ws.ctx)
+        itp = run_itp(source, ws.require_data("in-train pruning"), ws.normalization, config.prune, config.itp,
+                      config.finetune, ws.input_shape, out_dir, resume=resume, arch=ws.checkpoint.arch.to_dict(),
+                      progress=progress, cancel=cancel, ctx=ws.ctx)
         source, plan, events = itp.model, itp.plan, itp.events
         details, effective, target = {"itp": itp_section(itp)}, itp.effective_macs, itp_target_macs(itp)
     elif progressive(config):
+        snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
         phase = prune_progressively(ws, source, snapshots, out_dir, resume=resume, progress=progress, cancel=cancel)
         assert phase.plan is not None
         source, plan, events = phase.model, phase.plan, phase.events
@@ -261,6 +455,7 @@ def prune(
         events = []
         planned: PrunePlan | None = None
         if ws.ctx.is_main:
+            snapshots = load_ticket_snapshots(ws) if needs_snapshots(config) else None
             try:
                 planned = method_plan(ws, source, config.prune.rate, snapshots=snapshots, on_event=on_event,
                                       progress=progress, cancel=cancel)
@@ -275,15 +470,20 @@ def prune(
             on_event(event)
     if plan.method == "l1-filter":
         target = int(plan.params["target_macs"])
-    seconds = time.perf_counter() - start
+    steps = {"plan": time.perf_counter() - start}
+    release_free_memory()  # the search's temporaries, before the model copies below
     ws.ctx.check_cancel(cancel)
-    outcome = deployed_outcome(ws, source, plan, seconds, cancel)
+    outcome = deployed_outcome(ws, source, plan, steps, cancel=cancel, progress=progress)
     outcome.details, outcome.target_macs = details, target
     outcome.effective_macs = outcome.cost_after.macs if effective is None else effective
+    if snapshots is not None:
+        outcome.snapshots = {"source": config.model.snapshots, "epochs": sorted(snapshots)}
+    if "itp" in details:
+        outcome.notes.extend(itp_warnings(details["itp"]))
     return outcome
 
 
-def prune_progressively(ws: Workspace, model: nn.Module, snapshots: dict[int, dict[str, torch.Tensor]] | None,
+def prune_progressively(ws: Workspace, model: nn.Module, snapshots: SnapshotSource | None,
                         out_dir: Path | None, *, resume: bool = False, progress: ProgressCallback | None = None,
                         cancel: threading.Event | None = None) -> PhaseOutcome:
     """AdaSAP phase 2: adaptive steps while the configured method re-plans on the exponential
@@ -296,18 +496,39 @@ def prune_progressively(ws: Workspace, model: nn.Module, snapshots: dict[int, di
                            cancel=cancel)
         return plan, events
 
-    return run_progressive(model, ws.data, ws.normalization, config.warmup, config.finetune, config.prune.rate,
-                           config.prune.method, replan, out_dir, resume=resume, progress=progress, cancel=cancel,
-                           ctx=ws.ctx)
+    return run_progressive(model, ws.require_data("progressive pruning"), ws.normalization, config.warmup,
+                           config.finetune, config.prune.rate, config.prune.method, replan, out_dir, resume=resume,
+                           progress=progress, cancel=cancel, ctx=ws.ctx)
 
 
-def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds: float,
-                     cancel: threading.Event | None = None) -> PruneOutcome:
-    """`source` pruned by `plan` in grouped and deployed form, checked against its masked dense
-    form, with costs and latency against the opened model."""
+def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, steps: dict[str, float], *,
+                     cancel: threading.Event | None = None, progress: ProgressCallback | None = None) -> PruneOutcome:
+    """`source` pruned by `plan`: its BatchNorm statistics recalibrated (with validation accuracy
+    of the opened model, and of the pruned one before and after), rebuilt in grouped and deployed
+    form, checked against its masked dense form, with costs and latency against the opened model.
+    `steps` holds the planning time and gains the other steps' times."""
     config = ws.config
+    mark = time.perf_counter()
     original = copy.deepcopy(source).to(ws.device).eval()
+    # `original` is this call's own copy, so the reference may share its unpruned tensors.
+    masked = masked_dense(original, plan, share_unplanned=True)
+    # The unpruned model the pruned one is measured against: the opened one (a method that trains
+    # to prune changed `source`'s weights).
     reference = original if source is ws.model else copy.deepcopy(ws.model).to(ws.device).eval()
+    notes: list[str] = []
+    accuracy = recalibration = None
+    if ws.data is None:
+        notes.append(NO_DATA)
+    else:
+        # Under torchrun a cancel is acted on only where the ranks agree on it (check_cancel below).
+        local_cancel = None if ws.ctx.distributed else cancel
+        accuracy, recalibration = recalibrate_and_check(ws, reference, masked, progress=progress, cancel=local_cancel)
+        if not config.prune.recalibrate_images:
+            notes.append("BatchNorm recalibration is off (prune.recalibrate_images = 0)")
+        elif recalibration is not None and recalibration.note:
+            notes.append(recalibration.note)
+    steps["recalibrate"], mark = time.perf_counter() - mark, time.perf_counter()
+    ws.ctx.check_cancel(cancel)
     batch = ws.example_batch().to(ws.device)
     size = config.deploy.latency_batch
     latency_input = batch[:size].repeat((size + len(batch) - 1) // len(batch), 1, 1, 1)[:size]
@@ -316,12 +537,17 @@ def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds:
         grouped if config.deploy.form == "grouped"
         else apply_plan(original, plan, form=config.deploy.form, example_input=latency_input)
     )
+    kept_filters = {f.name: f.kept for f in plan.filters}
+    for model in (grouped, deployed):
+        copy_batchnorm_statistics(masked, model, channels=filter_batchnorm_channels(original, kept_filters))
+    steps["rebuild"], mark = time.perf_counter() - mark, time.perf_counter()
     ws.ctx.check_cancel(cancel)
-    masked = masked_dense(original, plan)
     error = max(equivalence_error(grouped, masked, batch), equivalence_error(deployed, masked, batch))
+    del masked
+    steps["check"], mark = time.perf_counter() - mark, time.perf_counter()
     ws.ctx.check_cancel(cancel)
-    timing = compare_latency({"original": reference, "pruned": deployed}, latency_input, device=ws.device)
-    before, after = timing["original"], timing["pruned"]
+    timing = interleaved_latency({"original": reference, "pruned": deployed}, latency_input, device=ws.device)
+    steps["latency"] = time.perf_counter() - mark
     return PruneOutcome(
         plan=plan,
         model=grouped,
@@ -329,10 +555,15 @@ def deployed_outcome(ws: Workspace, source: nn.Module, plan: PrunePlan, seconds:
         cost_before=ws.cost,
         cost_after=count_cost(grouped, ws.input_shape),
         equivalence_max_abs_err=error,
-        seconds=seconds,
-        latency_ms={"original": before, "pruned": after, "speedup": before / after if after else 0.0},
+        equivalence_input=ws.example_source,
+        seconds=steps["plan"],
+        step_seconds=steps,
+        latency=timing,
         latency_batch=size,
         deploy=deploy_summary(deployed),
+        accuracy=accuracy,
+        recalibration=recalibration,
+        notes=notes,
     )
 
 
@@ -392,6 +623,16 @@ def itp_section(itp: ItpOutcome) -> dict[str, Any]:
     }
 
 
+def itp_warnings(section: dict[str, Any]) -> list[str]:
+    """A warning when in-train pruning could not reach its target within the tolerance (the
+    model is still valid and kept)."""
+    if section["target_met"]:
+        return []
+    return [f"in-train pruning reached complexity {section['achieved_complexity']:.4f}, "
+            f"{100 * section['relative_error']:+.2f}% from the target {section['target_complexity']:.4f} "
+            "(outside the tolerance); the model is kept as it is"]
+
+
 def warmup(
     ws: Workspace,
     out_dir: Path | None,
@@ -402,8 +643,9 @@ def warmup(
     cancel: threading.Event | None = None,
 ) -> PhaseOutcome:
     """AdaSAP's warmup (SPEC §9) on a copy of `model` (default: the opened one)."""
-    return run_warmup(ws.model if model is None else model, ws.data, ws.normalization, ws.config.warmup,
-                      ws.config.finetune, out_dir, resume=resume, progress=progress, cancel=cancel, ctx=ws.ctx)
+    return run_warmup(ws.model if model is None else model, ws.require_data("the warmup"), ws.normalization,
+                      ws.config.warmup, ws.config.finetune, out_dir, resume=resume, progress=progress, cancel=cancel,
+                      ctx=ws.ctx)
 
 
 def warmup_section(ws: Workspace, outcome: PhaseOutcome) -> dict[str, Any]:
@@ -419,16 +661,19 @@ def measure_sharpness(ws: Workspace, model: nn.Module, when: str, *, cancel: thr
                       on_event: Callable[[TraceEvent], None] | None = None) -> Sharpness:
     """The sharpness of `model` at a point of the run (SPEC §9) with the configured estimator."""
     s = ws.config.sharpness
-    result = sharpness(model, ws.normalization, ws.data.train, rho=s.rho, steps=s.steps, images=s.images,
-                       device=ws.device, cancel=cancel)
+    images = ws.require_data("measuring sharpness").train
+    result = sharpness(model, ws.normalization, images, rho=s.rho, steps=s.steps, images=s.images, device=ws.device,
+                       cancel=cancel)
     if on_event is not None:
         on_event(SharpnessMeasured("", when, result.value, result.loss, result.rho, result.steps, result.images))
     return result
 
 
 def save_model(ws: Workspace, path: Path, model: nn.Module, plan: PrunePlan | None, metadata: dict[str, Any]) -> None:
-    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan)."""
-    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata=metadata)
+    """Write a workbench checkpoint that reopens with no flags (arch, normalisation, plan, and
+    the data spec it was made with, when there was data)."""
+    data = {DATA_KEY: ws.config.data.spec} if ws.data is not None else {}
+    save_checkpoint(path, model, ws.checkpoint.arch, ws.normalization, plan=plan, metadata={**metadata, **data})
 
 
 def finetune_model(
@@ -444,7 +689,8 @@ def finetune_model(
     """Fine-tune `model` with the configured settings; best checkpoints are full workbench
     checkpoints, tracked on the validation split."""
     return finetune(
-        model, ws.data, ws.normalization, ws.config.finetune_settings(), out_dir, resume=resume,
+        model, ws.require_data("fine-tuning"), ws.normalization, ws.config.finetune_settings(), out_dir,
+        resume=resume,
         save_model=lambda path, m, meta: save_model(ws, path, m, plan, meta),
         progress=progress, cancel=cancel, ctx=ws.ctx,
     )
@@ -452,11 +698,13 @@ def finetune_model(
 
 @dataclass
 class Evaluation:
-    """Clean and robust accuracy of one model, with the optional probes."""
+    """Clean and robust accuracy of one model, with the optional probes; `warnings` flag a
+    collapsed model and failed sanity checks of the attacks in words."""
 
     robustness: RobustnessReport
     frequency: FrequencyReport | None
     corruption: CorruptionReport | None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         report = self.robustness
@@ -470,6 +718,7 @@ class Evaluation:
             "frequency": None if self.frequency is None else self.frequency.to_dict(),
             "corruption": None if self.corruption is None else self.corruption.to_dict(),
             "relative_robustness": None if self.corruption is None else self.corruption.robustness_ratio,
+            "warnings": list(self.warnings),
         }
 
 
@@ -477,33 +726,37 @@ def evaluate(
     ws: Workspace,
     model: nn.Module,
     *,
+    label: str = "model",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> Evaluation:
     """Attack suite and probes on the test split, on the same examples, run on the dense
-    equivalent of a pruned model. Under torchrun the attacks and probes are sharded over the
-    processes."""
+    equivalent of a pruned model; `label` names the model in warnings. Under torchrun the attacks
+    and probes are sharded over the processes."""
     cfg = ws.config.evaluate
+    data = ws.require_data("evaluation")
     model = dense_equivalent(model)
     common = dict(
         device=str(ws.device), batch_size=cfg.batch_size, progress=progress, cancel=cancel,
     )
     limit = cfg.max_examples or None
     robustness = evaluate_sharded(
-        model, ws.normalization, ws.data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
+        model, ws.normalization, data.test, [parse_attack(a) for a in cfg.attacks], ctx=ws.ctx,
         max_examples=limit, eps_space=cfg.eps_space, seed=ws.config.run.seed, **common,
     )
     frequency = (
-        frequency_sharded(model, ws.normalization, ws.data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
+        frequency_sharded(model, ws.normalization, data.test, thresholds=tuple(cfg.thresholds), ctx=ws.ctx,
                           max_examples=limit, **common)
         if cfg.frequency else None
     )
     corruption = (
-        corruption_sharded(model, ws.normalization, ws.data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
+        corruption_sharded(model, ws.normalization, data.test, severities=tuple(cfg.severities), ctx=ws.ctx,
                            max_examples=limit, **common)
         if cfg.corruption else None
     )
-    return Evaluation(robustness, frequency, corruption)
+    warnings = collapse_warnings(label, robustness.clean_acc, robustness.clean_predicted, data.classes)
+    warnings += [f"{label}: {w}" for w in robustness.warnings]
+    return Evaluation(robustness, frequency, corruption, warnings)
 
 
 def needs_snapshots(config: RunConfig) -> bool:
@@ -542,6 +795,8 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
     masks and for channel masks whose producers keep their outputs)."""
     plan, before, after = outcome.plan, outcome.cost_before, outcome.cost_after
     macs_after = after.macs if outcome.effective_macs is None else outcome.effective_macs
+    recalibration = outcome.recalibration
+    original, pruned = outcome.latency["original"], outcome.latency["pruned"]
     return {
         "prune": {
             "method": plan.method,
@@ -560,7 +815,13 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
             "macs_deployed": after.macs,
             "macs_reduction": 1 - macs_after / before.macs,
             "seconds": outcome.seconds,
+            "step_seconds": outcome.step_seconds,
             "equivalence_max_abs_err": outcome.equivalence_max_abs_err,
+            "equivalence_input": outcome.equivalence_input,
+            "accuracy": None if outcome.accuracy is None else outcome.accuracy.to_dict(),
+            "recalibration": None if recalibration is None else recalibration.to_dict(),
+            "snapshots": outcome.snapshots,
+            "warnings": outcome.warnings,
             "layers": _plan_layers(plan),
             "layers_skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
             **outcome.details,
@@ -568,7 +829,9 @@ def prune_sections(outcome: PruneOutcome) -> dict[str, Any]:
         "deploy": {
             "form": outcome.deploy.get("form"),
             "batch": outcome.latency_batch,
-            "latency_ms": outcome.latency_ms,
+            "latency_ms": {"original": original.median_ms, "pruned": pruned.median_ms, "speedup": outcome.speedup},
+            "latency": {"original": original.to_dict(), "pruned": pruned.to_dict(), "verdict": outcome.latency_verdict},
+            "counts": outcome.deploy.get("counts"),
             "layers": outcome.deploy.get("layers"),
         },
     }

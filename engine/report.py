@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .pipeline import Workspace
 
 REPORT_SCHEMA = "gkp-workbench/report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 _PACKAGES = ("torch", "torchvision", "torchattacks", "numpy", "scipy", "scikit-learn", "gkp-workbench")
 
 
@@ -61,18 +61,39 @@ def build_report(ws: "Workspace", results: dict[str, Any], completed: list[str])
             "mac_counter": MAC_COUNTER,
             "normalization": {**ws.normalization.to_dict(), "source": ws.normalization_source},
         },
-        "data": {
-            "spec": ws.data.name,
-            "n_train": len(ws.data.train),
-            "n_val": len(ws.data.val),
-            "n_test": len(ws.data.test),
-            "num_classes": ws.data.num_classes,
-            "image_size": ws.data.image_size,
-            "channels": ws.data.in_channels,
-        },
+        "data": data_section(ws),
         "environment": environment(ws.device, ws.config.run.seed),
     }
     for stage in ("warmup", "prune", "deploy", "finetune", "sharpness", "evaluate"):
         if stage in results:
             report[stage] = results[stage]
+    report["warnings"] = collected_warnings(results)
     return report
+
+
+def data_section(ws: "Workspace") -> dict[str, Any] | None:
+    """The data as configured and as split (None when the run had none)."""
+    data = ws.data
+    if data is None:
+        return None
+    return {
+        "spec": ws.config.data.spec,
+        "source": ws.data_source,
+        "name": data.name,
+        "n_train": len(data.train),  # type: ignore[arg-type]
+        "n_val": len(data.val),  # type: ignore[arg-type]
+        "n_test": len(data.test),  # type: ignore[arg-type]
+        "val_fraction": ws.config.data.val_fraction,
+        "split_seed": ws.config.run.seed,
+        "num_classes": data.num_classes,
+        "classes": list(data.classes),
+        "image_size": data.image_size,
+        "channels": data.in_channels,
+    }
+
+
+def collected_warnings(results: dict[str, Any]) -> list[str]:
+    """Every stage's warnings, in stage order, each once."""
+    evaluation = results.get("evaluate") or {}
+    sources = [results.get("prune") or {}, evaluation, evaluation.get("baseline") or {}]
+    return list(dict.fromkeys(w for section in sources for w in section.get("warnings", [])))

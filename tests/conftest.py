@@ -12,6 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_CHECKPOINT = SHARED / "checkpoints" / "cifar10_resnet20_dp-wrapped.th"
+SHARED_CIFAR = SHARED / "data" / "cifar10-subset"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -75,3 +76,12 @@ def tiny_cnn():
         )
 
     return make
+
+
+@pytest.fixture
+def shared_cifar() -> str:
+    """`--data` spec of the real CIFAR-10 images in ../shared (a slice of the training set);
+    skips when ../shared is absent."""
+    if not (SHARED_CIFAR / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip("../shared/data/cifar10-subset is not present")
+    return f"cifar10:{SHARED_CIFAR}"

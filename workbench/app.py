@@ -272,10 +272,18 @@ class WorkbenchApp(App[int]):
         for label in (PRUNED_MODEL, FINETUNED):
             session.evaluations.pop(label, None)
         before, after = outcome.cost_before, outcome.cost_after
+        macs = after.macs if outcome.effective_macs is None else outcome.effective_macs  # of kept weights
+        accuracy = outcome.accuracy
+        measured = "" if accuracy is None else (
+            f" Validation accuracy {accuracy.before:.1%} → {accuracy.raw:.1%} raw"
+            + ("" if accuracy.recalibrated is None else f" → {accuracy.recalibrated:.1%} after BN recalibration")
+            + "."
+        )
         self.notify(
-            f"{len(outcome.plan.layers)} convs pruned in {outcome.seconds:.1f} s; "
-            f"MACs {1 - after.macs / before.macs:.1%} fewer. Open a layer and press d to step through its decisions.",
-            title="Pruned",
+            f"{outcome.plan.pruned_count} convs pruned in {outcome.seconds:.1f} s; "
+            f"MACs {1 - macs / before.macs:.1%} fewer.{measured} "
+            "Open a layer and press d to step through its decisions.",
+            title="Pruned", severity="warning" if outcome.warnings else "information",
         )
         self.changed()
 
@@ -310,7 +318,7 @@ class WorkbenchApp(App[int]):
             self.changed()
             then()
 
-        self.push_screen(NormalizationScreen(ws.checkpoint.path.name, job, ws.data.in_channels), chosen)
+        self.push_screen(NormalizationScreen(ws.checkpoint.path.name, job, ws.in_channels), chosen)
         return False
 
     def start_finetune(self, epochs: int, mode: str, out_dir: Path | None) -> None:

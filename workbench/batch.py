@@ -20,11 +20,11 @@ from typing import Any, TextIO
 
 from engine import pipeline
 from engine.common.errors import Cancelled, ConfigError, WorkbenchError
-from engine.common.fileio import AtomicJsonLines, json_text, write_json_atomic
+from engine.common.fileio import json_text, write_json_atomic
 from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
-from engine.gkp.traces import read_jsonl, write_jsonl
+from engine.gkp.traces import TraceFile, read_jsonl, write_jsonl
 from engine.models.architectures import is_factory
 from engine.report import build_report
 from engine.training.finetune import STATE_FILE as FINETUNE_STATE
@@ -148,6 +148,8 @@ def run_batch(config: RunConfig, folder: RunFolder, *, resume: bool, progress: P
     try:
         if "prune" in config.run.stages and "prune" not in state["completed"]:
             pipeline.check_prune_input(ws)  # no eligible layer, unknown architecture, missing snapshots
+            if pipeline.needs_snapshots(config):
+                pipeline.load_ticket_snapshots(ws).check()  # fail on bad snapshots before writing anything
         pipeline.check_evaluation_config(config)
         check_cancel(cancel)  # interrupted while loading: stop before anything is written
         main = ws.ctx.is_main
@@ -182,7 +184,7 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
     # A run folder is data: of the code its config asks for, only a factory the user named again runs.
     factory = config.model.arch if is_factory(config.model.arch) else None
 
-    written: dict[str, Any] = {}
+    written: dict[str, Any] = {}  # the last report.json, returned as is (same `created` stamp)
 
     def finish(stage: str, sections: dict[str, Any]) -> None:
         results.update(sections)
@@ -232,8 +234,8 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
             if pipeline.trains_to_prune(config):
                 folder.claim(*_training_files(config, "prune"))
             resumable = resume and (out / "prune" / FINETUNE_STATE).is_file()
-            with AtomicJsonLines(out / "decisions.jsonl") if main else nullcontext() as writer:
-                on_event = writer.write if writer is not None else None
+            with TraceFile(out / "decisions.jsonl") if main else nullcontext() as writer:
+                on_event = writer.emit if writer is not None else None
                 if on_event is not None and (out / WARMUP_TRACE).is_file():
                     for event in read_jsonl(out / WARMUP_TRACE):
                         on_event(event)
@@ -245,7 +247,6 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
             if main:
                 plan.save(out / "plan.json")
             save("pruned.pt", "prune")
-            _warn_if_off_target(outcome)
             finish("prune", {**pipeline.prune_sections(outcome), **sharp})
     if "finetune" in config.run.stages:
         if "finetune" in state["completed"]:
@@ -261,27 +262,15 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
             finish("finetune", {"finetune": pipeline.finetune_section(ws, result), **sharpen("after_finetune", model)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
         label = _model_label(plan, state["completed"])
-        evaluation = pipeline.evaluate(ws, model, progress=about(label), cancel=cancel).to_dict()
+        evaluation = pipeline.evaluate(ws, model, label=label, progress=about(label), cancel=cancel).to_dict()
         if config.evaluate.baseline and plan is not None and "prune" in config.run.stages:
-            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, progress=about("unpruned model"),
-                                                       cancel=cancel).to_dict()
+            evaluation["baseline"] = pipeline.evaluate(ws, ws.model, label="unpruned model",
+                                                       progress=about("unpruned model"), cancel=cancel).to_dict()
         finish("evaluate", {"evaluate": evaluation})
     log.info("run finished")
     if progress is not None:
         progress.end_line()
     return written.get("report") or build_report(ws, results, state["completed"])
-
-
-def _warn_if_off_target(outcome: pipeline.PruneOutcome) -> None:
-    """In-train pruning that could not reach its target within the tolerance still yields a
-    valid model: say so on stderr (and in the report's `prune.itp.target_met`)."""
-    itp = outcome.details.get("itp")
-    if itp is not None and not itp["target_met"]:
-        log.warning("in-train pruning missed its target: complexity %.4f vs %.4f", itp["achieved_complexity"],
-                    itp["target_complexity"])
-        print(f"warning: in-train pruning reached complexity {itp['achieved_complexity']:.4f}, "
-              f"{100 * itp['relative_error']:+.2f}% from the target {itp['target_complexity']:.4f} (outside the "
-              "tolerance); the model is saved as it is", file=sys.stderr)
 
 
 def _model_label(plan: Any, completed: list[str]) -> str:
@@ -311,11 +300,10 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append(("layers pruned / skipped", f"{len(prune['layers'])} / {len(prune['layers_skipped'])}"))
         rows.append(("prune time", f"{prune['seconds']:.2f} s"))
         rows.append(("equivalence max |err|", f"{prune['equivalence_max_abs_err']:.2e}"))
+        rows.extend(_accuracy_rows(prune))
     deploy = report.get("deploy")
     if deploy:
-        lat = deploy["latency_ms"]
-        rows.append((f"latency ({deploy['form']}, batch {deploy['batch']})",
-                     f"{lat['original']:.2f} ms -> {lat['pruned']:.2f} ms ({lat['speedup']:.2f}x)"))
+        rows.extend(_latency_rows(deploy))
     finetune = report.get("finetune")
     if finetune:
         epochs = finetune["epochs"]
@@ -342,7 +330,49 @@ def summary_table(report: dict[str, Any]) -> str:
             parts = [f"θ={r['theta']:g}: {100 * r['low_acc']:.1f}/{100 * r['high_acc']:.1f}%" for r in ev["frequency"]["rows"]]
             rows.append(("low/high-pass accuracy", ", ".join(parts)))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    warnings = report.get("warnings") or []
+    return "\n".join(lines + ([""] if warnings else []) + [f"warning: {w}" for w in warnings])
+
+
+def _accuracy_rows(prune: dict[str, Any]) -> list[tuple[str, str]]:
+    """Validation accuracy of the unpruned, raw pruned and recalibrated model."""
+    accuracy, recalibration = prune.get("accuracy"), prune.get("recalibration")
+    if accuracy is None:
+        return [("accuracy after pruning", "not measured (no data)")]
+    n = accuracy["n"]
+    rows = [(f"val accuracy unpruned (n={n})", f"{100 * accuracy['before']:.2f}%"),
+            ("  pruned, raw", f"{100 * accuracy['raw']:.2f}%")]
+    if accuracy["recalibrated"] is not None:
+        rows.append((f"  recalibrated ({recalibration['images']} images)", f"{100 * accuracy['recalibrated']:.2f}%"))
+    return rows
+
+
+def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
+    """Median latency with its interquartile range over interleaved rounds, the verdict, and
+    how the pruned layers were deployed."""
+    latency = deploy["latency"]
+    before, after = latency["original"], latency["pruned"]
+
+    def spread(t: dict[str, Any]) -> str:
+        return f"{t['median_ms']:.2f} ms (IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})"
+
+    verdict = latency["verdict"]
+    if verdict != "within noise":
+        verdict = f"{deploy['latency_ms']['speedup']:.2f}x, {verdict}"
+    counts = deploy.get("counts") or {}
+    layers = deploy.get("layers") or {}
+    grouped = [name for name, layer in layers.items() if layer["form"] == "grouped"]
+    forms = f"{counts.get('grouped', 0)} grouped, {counts.get('dense', 0)} dense"
+    if grouped and len(grouped) < len(layers):
+        forms += f" (grouped: {', '.join(grouped)})"
+    elif not grouped:
+        forms += " (the original computation with zeros: any latency change is noise)"
+    return [
+        (f"latency ({deploy['form']}, batch {deploy['batch']}, {before['rounds']} rounds)",
+         f"{spread(before)} -> {spread(after)}: {verdict}"),
+        ("pruned layers deployed", forms),
+    ]
 
 
 def _config_from_args(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:

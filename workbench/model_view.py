@@ -12,6 +12,7 @@ import numpy as np
 from sample_models import is_sample
 
 if TYPE_CHECKING:
+    from engine.data.datasets import DataBundle
     from engine.gkp.layers import ConvLayer
     from engine.gkp.plan import PrunePlan
     from engine.models.metrics import ModelCost
@@ -111,7 +112,6 @@ def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> lis
     data = ws.data
     checkpoint = ws.checkpoint
     shape = "×".join(str(d) for d in ws.input_shape[1:])
-    sizes = "/".join(str(len(s)) for s in (data.train, data.val, data.test))  # type: ignore[arg-type]
     counts = {status: sum(r.status == status for r in rows) for status in (WILL_PRUNE, PRUNED, SKIPPED)}
     layers = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     source = "bundled sample" if is_sample(checkpoint.path) else checkpoint.source_format
@@ -121,7 +121,15 @@ def summary_lines(ws: "Workspace", info: ModelInfo, rows: list[LayerRow]) -> lis
         ("File", f"{checkpoint.path.name} ({source}{pruned}) on {ws.device}"),
         ("Cost", f"{human_count(info.cost.params)} params · {human_count(info.cost.macs)} MACs at {shape} · "
                  f"{len(rows)} convs: {layers}"),
-        ("Data", f"{data.name}: {data.num_classes} classes, {data.image_size}×{data.image_size}×{data.in_channels}, "
-                 f"{sizes} train/val/test"),
+        ("Data", _data_line(data)),
         ("Norm", f"{ws.normalization.describe()} — {ws.normalization_source}"),
     ]
+
+
+def _data_line(data: "DataBundle | None") -> str:
+    """The dataset and its splits, or what having none means."""
+    if data is None:
+        return "none set: pruning works, accuracy, recalibration, fine-tuning and evaluation need --data"
+    sizes = "/".join(str(len(s)) for s in (data.train, data.val, data.test))  # type: ignore[arg-type]
+    return (f"{data.name}: {data.num_classes} classes, {data.image_size}×{data.image_size}×{data.in_channels}, "
+            f"{sizes} train/val/test")

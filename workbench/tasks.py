@@ -134,7 +134,8 @@ def evaluate_models(ws: Workspace, models: dict[str, nn.Module], progress: Progr
     def labelled(label: str) -> ProgressCallback:
         return lambda p: progress(dataclasses.replace(p, message=f"{label}: {p.stage} {p.message}".strip()))
 
-    return {label: evaluate(ws, copy.deepcopy(model), progress=labelled(label), cancel=cancel)
+    return {label: evaluate(ws, copy.deepcopy(model), label=f"{label} model", progress=labelled(label),
+                            cancel=cancel)
             for label, model in models.items()}
 
 

@@ -4,14 +4,13 @@ operating-system failure (disk full, no permission) is an `OutputError` naming t
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import OutputError
 
@@ -51,13 +50,13 @@ def _temp_beside(target: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """Let `write` fill a temporary file beside `path`, fsync it, then rename it into place."""
     target = Path(path)
     fd, tmp = _temp_beside(target)
     try:
         with reported(target), os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         with reported(target):
@@ -65,6 +64,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write `data`."""
+    _write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -83,17 +87,15 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """`torch.save` through an in-memory buffer and an atomic rename."""
+    """`torch.save` straight into the temporary file (no in-memory copy), then an atomic rename."""
     import torch  # the JSON writers above serve torch-free callers (config, TUI start)
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicJsonLines:
-    """Stream JSON lines (dicts, or objects with `to_dict()`) into a temporary file that replaces
-    `path` only when the `with` block ends without an exception."""
+    """Stream JSON lines, already encoded, into a temporary file that replaces `path` only when
+    the `with` block ends without an exception."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -101,11 +103,12 @@ class AtomicJsonLines:
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         self.count = 0
 
-    def write(self, record: Any) -> None:
-        data = record.to_dict() if hasattr(record, "to_dict") else record
-        with reported(self.path):
-            self._handle.write(json.dumps(data, sort_keys=True) + "\n")
-        self.count += 1
+    def write_lines(self, lines: list[str]) -> None:
+        """Append already-encoded JSON lines (without their newlines) in one write."""
+        if lines:
+            with reported(self.path):
+                self._handle.write("\n".join(lines) + "\n")
+            self.count += len(lines)
 
     def __enter__(self) -> "AtomicJsonLines":
         return self

@@ -45,7 +45,9 @@ SPEC_HELP = "use digits, cifar10:PATH or imagefolder:PATH"
 class DataBundle:
     """The three splits of one dataset with what a model and the trainer need to know of it.
     `normalization` is the train split's per-channel mean/std (a suggestion); `flip_ok` says
-    horizontal flips keep labels (False for digits)."""
+    horizontal flips keep labels (False for digits); `source_channels` is how many channels the
+    images have on disk (None for image folders, whose files may differ), before conversion to
+    `in_channels`."""
 
     name: str
     train: Dataset
@@ -57,6 +59,7 @@ class DataBundle:
     classes: list[str]
     normalization: Normalization
     flip_ok: bool
+    source_channels: int | None = None
 
 
 class ImageTensorDataset(Dataset):
@@ -259,6 +262,7 @@ def _load_digits(channels: int, image_size: int, seed: int, val_fraction: float)
         classes=[str(d) for d in range(10)],
         normalization=_statistics(train_set, None, seed),
         flip_ok=False,
+        source_channels=1,
     )
 
 
@@ -340,6 +344,7 @@ def _load_cifar10(path: Path, channels: int, image_size: int, seed: int, val_fra
         classes=_cifar_classes(folder),
         normalization=_statistics(train_set, None, seed),
         flip_ok=True,
+        source_channels=3,
     )
 
 

@@ -55,7 +55,8 @@ MAX_NESTING = 100
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint ready to use: the model (eval mode, weights loaded, no normalisation layer),
-    its architecture, the normalisation if known, and where the weights came from."""
+    its architecture, the normalisation if known, and where the weights came from. `state_dict`
+    is the model's own (its tensors, not a copy: the file's weights are not held twice)."""
 
     model: nn.Module
     arch: ArchSpec
@@ -98,7 +99,7 @@ def load_checkpoint(
     spec = resolve_architecture(arch, found.state_dict)
     model = _instantiate(target, spec, found.state_dict, None)
     return LoadedCheckpoint(
-        model, spec, normalization, found.state_dict, target, found.source_format, found.metadata, None
+        model, spec, normalization, model.state_dict(), target, found.source_format, found.metadata, None
     )
 
 
@@ -549,7 +550,7 @@ def _load_workbench(
             raise ArchitectureError(f"checkpoint {path} is pruned and records its own architecture; drop the override")
         spec = resolve_architecture(arch, state_dict)
     model = _instantiate(path, spec, state_dict, plan)
-    return LoadedCheckpoint(model, spec, norm, state_dict, path, f"{WORKBENCH_FORMAT} v{version}", metadata, plan)
+    return LoadedCheckpoint(model, spec, norm, model.state_dict(), path, f"{WORKBENCH_FORMAT} v{version}", metadata, plan)
 
 
 def _check_plain(value: Any, where: str) -> None:

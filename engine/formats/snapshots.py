@@ -9,7 +9,8 @@ import itertools
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from abc import abstractmethod
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from ..common.errors import CheckpointError, ConfigError, SnapshotError
 from ..common.fileio import write_bytes_atomic
-from ..models.architectures import StateMismatch, compare_shapes, tensor_shapes
+from ..models.architectures import Shapes, StateMismatch, compare_shapes, tensor_shapes
 from .checkpoints import read_state_dict
 
 SNAPSHOT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".th", ".tar", ".ckpt", ".bin")
@@ -41,8 +42,21 @@ def load_snapshots(
     window: tuple[int, int] | None = None,
     step: int = 1,
 ) -> dict[int, StateDict]:
+    """Every snapshot of `open_snapshots` read into memory at once."""
+    source = open_snapshots(path, reference=reference, window=window, step=step)
+    return {epoch: source[epoch] for epoch in source}
+
+
+def open_snapshots(
+    path: str | os.PathLike[str],
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    window: tuple[int, int] | None = None,
+    step: int = 1,
+) -> "SnapshotSource":
     """Snapshots by epoch for every `step`-th epoch of `window` (inclusive; default: from the
-    first to the last epoch found). `path` is a directory of per-epoch files, or an archive from
+    first to the last epoch found), read one at a time when asked for, so a pass over them holds
+    one snapshot. `path` is a directory of per-epoch files, or an archive from
     `save_snapshot_archive`, which needs `reference` (the final weights) and yields only the conv
     weights. Each snapshot must match `reference` (or, without one, the first snapshot)."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
@@ -53,30 +67,75 @@ def load_snapshots(
     if not target.exists():
         raise SnapshotError(f"snapshot path {target} does not exist")
     if target.is_file():
-        return _load_archive(target, reference, window, step)
+        return _Archive(target, reference, window, step)
     files = snapshot_files(target)
     if not files:
         raise SnapshotError(
             f"no snapshot files in {target}: expected one file per epoch named like {EXPECTED_NAMES}"
         )
-    snapshots: dict[int, StateDict] = {}
-    first: tuple[str, StateDict] | None = None
-    for epoch in _requested_epochs(sorted(files), window, step):
-        file = files[epoch]
+    return _Directory(files, reference, _requested_epochs(sorted(files), window, step))
+
+
+class SnapshotSource(Mapping[int, StateDict]):
+    """The ticket snapshots, epoch -> state dict, each read and checked when asked for (nothing
+    is kept, so ask once per pass). `check` reads them all once to fail early."""
+
+    epochs: list[int]
+
+    def __getitem__(self, epoch: int) -> StateDict:
+        if epoch not in self.epochs:
+            raise KeyError(epoch)
+        return self._read(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epochs)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self.epochs
+
+    def check(self) -> None:
+        """Read every snapshot once (one at a time): `SnapshotError` for the first that does
+        not fit."""
+        for epoch in self.epochs:
+            self._read(epoch)
+
+    @abstractmethod
+    def _read(self, epoch: int) -> StateDict:
+        """Read and check one snapshot."""
+
+
+class _Directory(SnapshotSource):
+    """Per-epoch files, each checked against the reference or the window's first snapshot."""
+
+    def __init__(self, files: dict[int, Path], reference: Mapping[str, torch.Tensor] | None, epochs: list[int]) -> None:
+        self.files, self.epochs = files, epochs
+        self.reference = None if reference is None else tensor_shapes(reference)
+        self.first: Shapes | None = None
+
+    def _state(self, epoch: int) -> StateDict:
         try:
-            state = read_state_dict(file).state_dict
+            return read_state_dict(self.files[epoch]).state_dict
         except CheckpointError as exc:
             raise SnapshotError(str(exc)) from None
-        if reference is not None:
-            _check_match(compare_shapes(tensor_shapes(reference), tensor_shapes(state)),
+
+    def _read(self, epoch: int) -> StateDict:
+        file, state = self.files[epoch], self._state(epoch)
+        if self.reference is not None:
+            _check_match(compare_shapes(self.reference, tensor_shapes(state)),
                          f"snapshot {file.name} does not match the model")
-        elif first is not None:
-            _check_match(compare_shapes(tensor_shapes(first[1]), tensor_shapes(state)),
-                         f"snapshots mix architectures: {file.name} differs from {first[0]}")
-        else:
-            first = (file.name, state)
-        snapshots[epoch] = state
-    return snapshots
+            return state
+        first = self.epochs[0]
+        if epoch == first:
+            self.first = tensor_shapes(state)
+            return state
+        if self.first is None:
+            self.first = tensor_shapes(self._state(first))
+        _check_match(compare_shapes(self.first, tensor_shapes(state)),
+                     f"snapshots mix architectures: {file.name} differs from {self.files[first].name}")
+        return state
 
 
 def snapshot_files(directory: Path) -> dict[int, Path]:
@@ -147,40 +206,43 @@ def save_snapshot_archive(
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _load_archive(
-    path: Path, reference: Mapping[str, torch.Tensor] | None, window: tuple[int, int] | None, step: int
-) -> dict[int, StateDict]:
-    """Dequantise an archive's conv weights (`final + q * scale`, float32) for the requested epochs."""
-    if reference is None:
-        raise SnapshotError(
-            f"{path} is a compact snapshot archive of deltas from the final weights; pass the final state dict as reference"
-        )
-    try:
-        arrays = _read_archive(path, reference)
-    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        raise SnapshotError(f"{path} is neither a snapshot directory nor a readable snapshot archive ({exc})") from None
-    names = [str(n) for n in arrays["names"]]
-    found = [int(e) for e in arrays["epochs"]]
-    if not found or len(set(found)) != len(found):
-        raise SnapshotError(f"snapshot archive {path.name} is damaged: its epochs are missing or repeated")
-    for i, name in enumerate(names):
-        ref = reference[name]
-        l1 = float(ref.double().abs().sum())
-        if abs(l1 - float(arrays["final_l1"][i])) > _FINGERPRINT_RTOL * max(1.0, l1):
+class _Archive(SnapshotSource):
+    """A compact archive, checked against the reference's conv weights when opened; each epoch
+    dequantised (`final + q * scale`, float32) when asked for."""
+
+    def __init__(self, path: Path, reference: Mapping[str, torch.Tensor] | None, window: tuple[int, int] | None,
+                 step: int) -> None:
+        if reference is None:
             raise SnapshotError(
-                f"snapshot archive {path.name} was made from different final weights than the reference (key {name!r})"
+                f"{path} is a compact snapshot archive of deltas from the final weights; pass the final state dict as reference"
             )
-    position = {epoch: j for j, epoch in enumerate(found)}
-    finals = {name: reference[name].detach().cpu().double() for name in names}
-    snapshots: dict[int, StateDict] = {}
-    for epoch in _requested_epochs(sorted(found), window, step):
-        j = position[epoch]
-        snapshots[epoch] = {
-            name: (finals[name] + torch.from_numpy(arrays[f"q{i}"][j].astype(np.float64)) * float(arrays["scales"][j, i]))
+        try:
+            arrays = _read_archive(path, reference)
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise SnapshotError(f"{path} is neither a snapshot directory nor a readable snapshot archive ({exc})") from None
+        names = [str(n) for n in arrays["names"]]
+        found = [int(e) for e in arrays["epochs"]]
+        if not found or len(set(found)) != len(found):
+            raise SnapshotError(f"snapshot archive {path.name} is damaged: its epochs are missing or repeated")
+        for i, name in enumerate(names):
+            ref = reference[name]
+            l1 = float(ref.double().abs().sum())
+            if abs(l1 - float(arrays["final_l1"][i])) > _FINGERPRINT_RTOL * max(1.0, l1):
+                raise SnapshotError(
+                    f"snapshot archive {path.name} was made from different final weights than the reference (key {name!r})"
+                )
+        self.epochs = _requested_epochs(sorted(found), window, step)
+        self.position = {epoch: j for j, epoch in enumerate(found)}
+        self.names, self.arrays = names, arrays
+        self.finals = {name: reference[name].detach().cpu().double() for name in names}
+
+    def _read(self, epoch: int) -> StateDict:
+        j, arrays = self.position[epoch], self.arrays
+        return {
+            name: (self.finals[name] + torch.from_numpy(arrays[f"q{i}"][j].astype(np.float64)) * float(arrays["scales"][j, i]))
             .to(torch.float32)
-            for i, name in enumerate(names)
+            for i, name in enumerate(self.names)
         }
-    return snapshots
 
 
 def _read_archive(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -279,6 +279,11 @@ class PrunePlan:
     def version(self) -> int:
         return MASKED_PLAN_VERSION if self.masks or self.filters else PLAN_VERSION
 
+    @property
+    def pruned_count(self) -> int:
+        """How many convs the plan prunes: grouped, masked or filter-pruned."""
+        return len(self.layers) + len(self.masks) + len(self.filters)
+
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
             if layer.name == name:

@@ -40,7 +40,8 @@ def check_rate_and_groups(rate: float, groups: int, prefix: str = "") -> None:
 @dataclass
 class PruneConfig:
     """Every pruning knob with the SPEC default. `grouping` / `selection` override the method's
-    own stages for ablations (None = the method's)."""
+    own stages for ablations (None = the method's); `recalibrate_images` training images
+    re-estimate the BatchNorm statistics after pruning (0 = off)."""
 
     method: str = "sr-gkp"
     grouping: str | None = None
@@ -63,6 +64,7 @@ class PruneConfig:
     ticket_step: int = 1
     tmi_schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
     trace_level: str = "decisions"
+    recalibrate_images: int = 1024
 
     @property
     def resolved_grouping(self) -> str:
@@ -119,6 +121,7 @@ class PruneConfig:
         texts("prune.tmi_schemes", self.tmi_schemes, non_empty=True, distinct=True)
         for scheme in self.tmi_schemes:
             one_of("each of prune.tmi_schemes", scheme, SCHEMES)
+        whole("prune.recalibrate_images", self.recalibrate_images, 0)
 
     def params(self) -> dict[str, Any]:
         """Every parameter, JSON-ready, with `grouping` / `selection` resolved."""

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from ..common.devices import exact_fp32, resolve_device
 from ..common.errors import ConfigError
 from ..models.latency import measure_latency
-from ..models.surgery import remove_filters, silence_filters
+from ..models.surgery import remove_filters, silence_filters, silenced_tensors
 from .masked import ZeroMaskedConv
 from .plan import LayerPlan, PrunePlan
 
@@ -215,11 +215,21 @@ def install_plan_structure(model: nn.Module, plan: PrunePlan) -> None:
         remove_filters(model, _filters_kept(plan))
 
 
-def masked_dense(model: nn.Module, plan: PrunePlan) -> nn.Module:
+def masked_dense(model: nn.Module, plan: PrunePlan, *, share_unplanned: bool = False) -> nn.Module:
     """A copy of `model` whose planned convs keep only their kept kernels (the others zeroed):
-    the reference every reconstruction must match."""
+    the reference every reconstruction must match. `share_unplanned` copies only the tensors the
+    plan writes (planned and masked convs' weights, removed filters' conv and BatchNorm terms) and
+    reuses every other parameter and buffer of `model` (less memory, for a reference that is only
+    run, never trained)."""
     plan.check_fits(model)
-    masked = copy.deepcopy(model)
+    written = [
+        *(model.get_submodule(layer.name).weight for layer in plan.layers),
+        *(model.get_submodule(mask.name).weight for mask in plan.masks),
+        *silenced_tensors(model, _filters_kept(plan)),
+    ]
+    planned = {id(t) for t in written}
+    tensors = (*model.parameters(), *model.buffers()) if share_unplanned else ()
+    masked = copy.deepcopy(model, memo={id(t): t for t in tensors if id(t) not in planned})
     for layer in plan.layers:
         conv = masked.get_submodule(layer.name)
         keep = torch.zeros(layer.out_channels, layer.in_channels, dtype=torch.bool, device=conv.weight.device)
@@ -362,7 +372,7 @@ def apply_plan(
     example = example_input.to(_device_of(deployed))
     timer = timer or _default_timer
     modules, choices = _choose_auto(deployed, plan, example, timer)
-    original = copy.deepcopy(deployed)
+    original = model if _device_of(model) == _device_of(deployed) else copy.deepcopy(deployed)
     _install(deployed, modules, choices)
     _densify_if_slower(original, deployed, choices, example, timer)
     return deployed

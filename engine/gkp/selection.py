@@ -1,21 +1,37 @@
 """Stage 2 (SPEC §4): which grouped kernels each filter group keeps. TMI-GKP greedy with
 restarts (Eq. 5), SR-GKP smooth beam greedy (Eq. 2, Eq. 3), and the ablation baselines.
 
-The searches run every restart (and every beam entry) at once on numpy arrays. Distances and
-smoothness are held in fixed point (int64, scaled by a power of two) so every running sum is
-exact: the same set always scores the same, whatever order it was built in."""
+The searches run in `search.py`, every restart of many groups at once; the `*_many` functions
+take the groups of one shape together (the planner batches whole layers), split them into chunks
+of bounded memory and run the chunks on a thread per core (numpy releases the GIL in the array
+work). Beam-cut events are replayed for the lanes the trace shows: the winning start of each
+group (`decisions`) or every start (`full`)."""
 
 from __future__ import annotations
 
 import math
+import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy.spatial.distance import pdist, squareform
 
 from ..common.progress import check_cancel
+from .search import (
+    Beam,
+    Grown,
+    Problems,
+    gamma_outer,
+    grow,
+    members_of,
+    pair_beta,
+    to_fixed_point,
+)
 from .traces import (
     BeamCandidate,
     BeamCut,
@@ -27,9 +43,14 @@ from .traces import (
     Tracer,
 )
 
-_NEG = -(1 << 62)  # marks kernels already in a set; stays negative after any sum of distances
-_BIG = 1 << 62  # subtracted to hide a proposal from the next argmax, then added back
-_CHUNK_ELEMENTS = 1 << 18  # restarts per chunk keep each (restarts x candidates x C_in) array cache-sized
+__all__ = [
+    "Choice", "Group", "GroupContext", "gamma_count", "greedy_many", "greedy_select", "grouped_kernels",
+    "kernel_distances", "l2_select", "least_smooth_select", "pair_beta", "random_select", "smooth_beam_many",
+    "smooth_beam_select", "to_fixed_point",
+]
+
+_CHUNK_ELEMENTS = 1 << 20  # lanes x candidates x C_in per chunk: 8 MB per int64 array at most
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,16 @@ class GroupContext:
     group: int
 
 
+@dataclass(frozen=True)
+class Group:
+    """One filter group's search problem: distances between its grouped kernels, their
+    smoothness (the beam only) and where its events go."""
+
+    distances: np.ndarray
+    smoothness: np.ndarray | None = None
+    context: GroupContext | None = None
+
+
 def grouped_kernels(weight: torch.Tensor | np.ndarray, filters: list[int]) -> np.ndarray:
     """The grouped kernels of one filter group, one row per input channel: `(C_in, |g|*k*k)`."""
     array = weight if isinstance(weight, np.ndarray) else weight.detach().to(torch.float64).cpu().numpy()
@@ -63,178 +94,12 @@ def kernel_distances(kernels: np.ndarray) -> np.ndarray:
     return squareform(pdist(kernels))
 
 
-def pair_beta(size: int, in_channels: int) -> float:
-    """SR-GKP's automatic balance `C(m,2) / (C_in - m)` (0 when nothing is pruned)."""
-    pruned = in_channels - size
-    return math.comb(size, 2) / pruned if pruned > 0 else 0.0
-
-
-def gamma_count(kept: int, gamma_ratio: float) -> int:
-    """How many nearest kept kernels Eq. 5 sums per pruned kernel, `max(1, floor(ratio*S))`."""
-    return max(1, math.floor(gamma_ratio * kept + 1e-9))  # 0.29 * 100 is 28.999... in floating point
-
-
-def to_fixed_point(values: np.ndarray, terms: int) -> tuple[np.ndarray, float]:
-    """Integers `values / unit` (rounded) with `unit` a power of two chosen so that any sum of
-    up to `terms` of them stays below 2**62 in magnitude."""
-    values = np.asarray(values, dtype=np.float64)
-    largest = float(np.abs(values).max()) if values.size else 0.0
-    if largest == 0.0:
-        return np.zeros(values.shape, dtype=np.int64), 1.0
-    bits = 62 - math.ceil(math.log2(terms + 1))
-    unit = math.ldexp(1.0, math.frexp(largest)[1] - bits)
-    return np.rint(values / unit).astype(np.int64), unit
-
-
-@dataclass
-class _Search:
-    """One group's search problem in fixed point, and how the beam grows."""
-
-    dq: np.ndarray
-    sq: np.ndarray
-    kept: int
-    width: int
-    check_every: int | None = None
-    alpha: float = 0.9
-    frozen_beta: float | None = None
-
-    @property
-    def channels(self) -> int:
-        return len(self.dq)
-
-    def beta(self, size: int) -> float:
-        return self.frozen_beta if self.frozen_beta is not None else pair_beta(size, self.channels)
-
-    def is_cut(self, size: int) -> bool:
-        return bool(self.check_every) and size < self.kept and (size - 1) % self.check_every == 0  # type: ignore[operator]
-
-
-@dataclass
-class _Cut:
-    """Everything one cut decided, per restart of the chunk (arrays `(P, N)`)."""
-
-    size: int
-    beta: float
-    members: np.ndarray
-    added: np.ndarray
-    cost_q: np.ndarray
-    smooth_q: np.ndarray
-    rank_cost: np.ndarray
-    rank_smooth: np.ndarray
-    score: np.ndarray
-    survived: np.ndarray
-
-
-@dataclass
-class _Grown:
-    """Complete candidates of a chunk of restarts: members `(P, L, S)` in insertion order and
-    their exact inner sum, nearest-kept outer sum and smoothness `(P, L)`."""
-
-    members: np.ndarray
-    inner: np.ndarray
-    outer: np.ndarray
-    smooth: np.ndarray
-    cuts: list[_Cut] = field(default_factory=list)
-
-
-def _backtrack(starts: np.ndarray, parents: list[np.ndarray], addeds: list[np.ndarray],
-               leaves: np.ndarray) -> np.ndarray:
-    """Members (insertion order) of the entries `leaves` (P, L) of the last recorded step."""
-    out = np.empty((*leaves.shape, len(parents) + 1), dtype=np.int64)
-    at = np.arange(len(starts))[:, None]
-    current = leaves
-    for step in reversed(range(len(parents))):
-        out[..., step + 1] = addeds[step][at, current]
-        current = parents[step][at, current]
-    out[..., 0] = starts[:, None]
-    return out
-
-
-def _grow(search: _Search, starts: np.ndarray, record: bool = False) -> _Grown:
-    """Grow every restart in `starts` to `kept` kernels at once. Each step every entry proposes
-    its `width` kernels of largest summed distance to the entry (ties: lowest index); at cut
-    sizes the candidates are ranked by Eq. 3 cost and smoothness and `width` survive."""
-    dq, sq, channels, kept = search.dq, search.sq, search.channels, search.kept
-    count = len(starts)
-    at = np.arange(count)[:, None]
-    rows = dq[starts]
-    runsum = rows[:, None, :].copy()
-    runsum[at[:, 0], 0, starts] = _NEG
-    mind = rows[:, None, :].copy()
-    inner = np.zeros((count, 1), dtype=np.int64)
-    smooth = sq[starts][:, None].copy()
-    outer = mind.sum(axis=2)
-    parents: list[np.ndarray] = []
-    addeds: list[np.ndarray] = []
-    cuts: list[_Cut] = []
-    size = 1
-    while size < kept:
-        entries = runsum.shape[1]
-        width = min(search.width, channels - size)
-        slot = at[:, :, None], np.arange(entries)[None, :, None]
-        proposal = np.empty((count, entries, width), dtype=np.int64)
-        for j in range(width):
-            proposal[..., j] = runsum.argmax(axis=2)
-            runsum[(*slot, proposal[..., j : j + 1])] -= _BIG
-        gain = runsum[(*slot, proposal)] + _BIG
-        runsum[(*slot, proposal)] = gain
-        size += 1
-        n_cand = entries * width
-        added = proposal.reshape(count, n_cand)
-        inner_c = (inner[..., None] + gain).reshape(count, n_cand)
-        smooth_c = (smooth[..., None] + sq[proposal]).reshape(count, n_cand)
-        rows = dq[proposal]  # (P, E, w, C)
-        final, cut = size == kept, search.is_cut(size)
-        if final or cut:
-            nearest = np.minimum(mind[:, :, None, :], rows)
-            outer_c = nearest.sum(axis=3).reshape(count, n_cand)
-        if final:
-            parents.append(np.broadcast_to(np.arange(n_cand) // width, (count, n_cand)))
-            addeds.append(added)
-            inner, outer, smooth = inner_c, outer_c, smooth_c
-            break
-        if cut:
-            beta = search.beta(size)
-            cost = inner_c - beta * outer_c
-            rank_cost = _min_rank(-cost)
-            rank_smooth = _min_rank(smooth_c)
-            score = search.alpha * rank_cost + (1.0 - search.alpha) * rank_smooth
-            index = np.broadcast_to(np.arange(n_cand), (count, n_cand))
-            order = np.lexsort((index, -smooth_c, score), axis=1)  # score, then rougher, then first
-            keep = order[:, : min(search.width, n_cand)]
-            if record:
-                previous = _backtrack(starts, parents, addeds, np.broadcast_to(np.arange(entries), (count, entries)))
-                members = np.concatenate([np.repeat(previous, width, axis=1), added[..., None]], axis=2)
-                survived = np.zeros((count, n_cand), dtype=bool)
-                survived[at, keep] = True
-                cuts.append(_Cut(size, beta, members, added, cost, smooth_c, rank_cost, rank_smooth, score, survived))
-            from_entry = keep // width
-            chosen = rows.reshape(count, n_cand, channels)[at, keep]
-            runsum = runsum[at, from_entry] + chosen
-            mind = nearest.reshape(count, n_cand, channels)[at, keep]
-            added, inner, smooth = added[at, keep], inner_c[at, keep], smooth_c[at, keep]
-            parents.append(from_entry)
-        else:
-            runsum = (runsum[:, :, None, :] + rows).reshape(count, n_cand, channels)
-            mind = np.minimum(mind[:, :, None, :], rows).reshape(count, n_cand, channels)
-            inner, smooth = inner_c, smooth_c
-            parents.append(np.broadcast_to(np.arange(n_cand) // width, (count, n_cand)))
-        runsum[at, np.arange(runsum.shape[1])[None, :], added] = _NEG
-        addeds.append(added)
-    leaves = np.broadcast_to(np.arange(inner.shape[1]), inner.shape)
-    return _Grown(_backtrack(starts, parents, addeds, leaves), inner, outer, smooth, cuts)
-
-
-def _min_rank(values: np.ndarray) -> np.ndarray:
-    """Per row, how many entries are strictly smaller: rank 0 = smallest, ties share the lower
-    rank."""
-    return (values[:, None, :] < values[:, :, None]).sum(axis=2)
-
-
-def _chunks(total: int, cost_each: int) -> list[np.ndarray]:
-    """Split `range(total)` so each part's `count * cost_each` array elements stay cache-sized."""
-    size = max(1, _CHUNK_ELEMENTS // max(1, cost_each))
-    return [np.arange(lo, min(lo + size, total)) for lo in range(0, total, size)]
+def gamma_count(kept: int, gamma_ratio: float, floor: bool = True) -> int:
+    """How many nearest kept kernels Eq. 5 sums per pruned kernel: `max(1, floor(ratio*S))`, or
+    without the floor of 1 (`floor=False`, compat `reference`) `floor(ratio*S)`, which is 0 for
+    small S."""
+    count = math.floor(gamma_ratio * kept + 1e-9)  # 0.29 * 100 is 28.999... in floating point
+    return max(1, count) if floor else count
 
 
 def _check_kept(kept: int, channels: int) -> None:
@@ -242,76 +107,151 @@ def _check_kept(kept: int, channels: int) -> None:
         raise ValueError(f"cannot keep {kept} of {channels} grouped kernels")
 
 
+def _parallel(tasks: list[Callable[[], _T]]) -> list[_T]:
+    """Run `tasks` on a thread per core; results in task order."""
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _lane_chunks(groups: int, channels: int, candidates: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every (group, start) lane, group-major, split so a chunk's `lanes x candidates x C_in`
+    stays within the chunk budget."""
+    owner = np.repeat(np.arange(groups), channels)
+    starts = np.tile(np.arange(channels), groups)
+    size = max(1, _CHUNK_ELEMENTS // max(1, candidates * channels))
+    return [(owner[lo:lo + size], starts[lo:lo + size]) for lo in range(0, len(owner), size)]
+
+
+def _by_group(groups: int, channels: int, values: list[list[_T]]) -> list[list[_T]]:
+    flat = [v for chunk in values for v in chunk]
+    return [flat[g * channels:(g + 1) * channels] for g in range(groups)]
+
+
 def smooth_beam_select(distances: np.ndarray, smoothness: np.ndarray, kept: int, *, beam_width: int = 2,
                        check_every: int = 3, alpha: float = 0.9, freeze_beta: bool = False,
-                       context: GroupContext | None = None,
+                       cut_at_final: bool = False, context: GroupContext | None = None,
                        cancel: threading.Event | None = None) -> Choice:
-    """SR-GKP Stage 2 for one group: a beam search from every start kernel, then the candidate
-    with the highest Eq. 3 cost (`beta = C(S,2)/(C_in-S)`) over all starts, earliest on ties.
-    `freeze_beta` (compat `reference`) uses the first cut's beta for every later cut and the
-    final pick."""
-    channels = len(distances)
+    """SR-GKP Stage 2 for one group; see `smooth_beam_many`."""
+    return smooth_beam_many([Group(distances, smoothness, context)], kept, beam_width=beam_width,
+                            check_every=check_every, alpha=alpha, freeze_beta=freeze_beta,
+                            cut_at_final=cut_at_final, cancel=cancel)[0]
+
+
+def smooth_beam_many(groups: Sequence[Group], kept: int, *, beam_width: int = 2, check_every: int = 3,
+                     alpha: float = 0.9, freeze_beta: bool = False, cut_at_final: bool = False,
+                     cancel: threading.Event | None = None) -> list[Choice]:
+    """SR-GKP Stage 2 for groups of one shape: a beam search from every start kernel, then per
+    group the candidate with the highest Eq. 3 cost (`beta = C(S,2)/(C_in-S)`) over all starts,
+    earliest on ties. Compat `reference`: `freeze_beta` uses the first cut's beta for every later
+    cut and the final pick; `cut_at_final` also cuts at size S when it is a cut size."""
+    channels = len(groups[0].distances)
     _check_kept(kept, channels)
-    dq, unit = to_fixed_point(distances, channels * channels)
-    sq, s_unit = to_fixed_point(smoothness, channels)
     first_cut = check_every + 1
     frozen = pair_beta(first_cut, channels) if freeze_beta and first_cut < kept else None
-    search = _Search(dq, sq, kept, beam_width, check_every, alpha, frozen)
-    beta = search.beta(kept)
-    full = context is not None and context.tracer.full
-    candidates = beam_width ** check_every * beam_width
-    best_members, best_scores = [], []
-    for starts in _chunks(channels, candidates * channels):
-        check_cancel(cancel)
-        grown = _grow(search, starts, record=full)
-        costs = (grown.inner - beta * grown.outer) * unit
+    beam = Beam(kept, beam_width, check_every, alpha, frozen, cut_at_final)
+    beta = beam.beta(kept, channels)
+    problems = Problems.build([g.distances for g in groups], [g.smoothness for g in groups])  # type: ignore[misc]
+    if any(g.context is not None and g.context.tracer.full for g in groups):
+        return [_beam_full(problems, beam, beta, index, group, cancel) for index, group in enumerate(groups)]
+
+    def run(owner: np.ndarray, starts: np.ndarray) -> tuple[list[list[int]], list[float]]:
+        grown = grow(problems, beam, owner, starts, cancel=cancel)
+        costs = _costs(grown, beta, problems.unit[owner])
         pick = costs.argmax(axis=1)
-        best_members.extend(grown.members[np.arange(len(starts)), pick].tolist())
-        best_scores.extend(costs[np.arange(len(starts)), pick].tolist())
-        if full:
-            _emit_beam(context, starts, grown, costs, pick, unit, s_unit, beta)  # type: ignore[arg-type]
-    winner = int(np.argmax(best_scores))
-    if context is not None and not full:
-        starts = np.array([winner])
-        grown = _grow(search, starts, record=True)
-        costs = (grown.inner - beta * grown.outer) * unit
-        _emit_beam(context, starts, grown, costs, costs.argmax(axis=1), unit, s_unit, beta)
-    return _finish(context, "smooth-beam", beta, 1, best_members, best_scores, winner)
+        lanes = np.arange(len(starts))
+        return grown.members(pick[:, None])[:, 0].tolist(), costs[lanes, pick].tolist()
+
+    candidates = beam_width ** check_every * beam_width
+    done = _parallel([lambda o=o, s=s: run(o, s) for o, s in _lane_chunks(len(groups), channels, candidates)])
+    members = _by_group(len(groups), channels, [m for m, _ in done])
+    scores = _by_group(len(groups), channels, [s for _, s in done])
+    winners = [int(np.argmax(s)) for s in scores]
+    traced = [i for i, g in enumerate(groups) if g.context is not None]
+    if traced:
+        check_cancel(cancel)
+        owner = np.array(traced)
+        grown = grow(problems, beam, owner, np.array([winners[i] for i in traced]), record=True, cancel=cancel)
+        costs = _costs(grown, beta, problems.unit[owner])
+        pick = costs.argmax(axis=1)
+        lanes = [(groups[i].context, problems.unit[i], problems.s_unit[i]) for i in traced]
+        _emit_beams(grown, lanes, costs, pick, beta)  # type: ignore[arg-type]
+    return [_finish(g.context, "smooth-beam", beta, 1, members[i], scores[i], winners[i])
+            for i, g in enumerate(groups)]
+
+
+def _costs(grown: Grown, beta: float, unit: np.ndarray) -> np.ndarray:
+    """Eq. 3 of every complete candidate in real units."""
+    return (grown.inner - beta * grown.outer) * unit[:, None]
+
+
+def _beam_full(problems: Problems, beam: Beam, beta: float, index: int, group: Group,
+               cancel: threading.Event | None) -> Choice:
+    """One group with every start's beam events, start by start in chunks so the volume streams."""
+    channels = problems.channels
+    candidates = beam.width ** (beam.check_every or 0) * beam.width
+    members: list[list[int]] = []
+    scores: list[float] = []
+    for _, starts in _lane_chunks(1, channels, candidates):
+        check_cancel(cancel)
+        owner = np.full(len(starts), index)
+        grown = grow(problems, beam, owner, starts, record=True, cancel=cancel)
+        costs = _costs(grown, beta, problems.unit[owner])
+        pick = costs.argmax(axis=1)
+        members.extend(grown.members(pick[:, None])[:, 0].tolist())
+        scores.extend(costs[np.arange(len(starts)), pick].tolist())
+        lanes = [(group.context, problems.unit[index], problems.s_unit[index])] * len(starts)
+        _emit_beams(grown, lanes, costs, pick, beta)  # type: ignore[arg-type]
+    return _finish(group.context, "smooth-beam", beta, 1, members, scores, int(np.argmax(scores)))
 
 
 def greedy_select(distances: np.ndarray, kept: int, *, gamma_ratio: float = 0.2, beta: float | str = "auto",
-                  context: GroupContext | None = None, cancel: threading.Event | None = None) -> Choice:
-    """TMI-GKP Stage 2 for one group (Algorithm 1 + Eq. 5): a greedy set from every start kernel,
-    scored `inner - beta * sum over pruned of its gamma nearest kept distances`; the highest
-    wins, the lowest start on ties."""
-    channels = len(distances)
+                  floor_gamma: bool = True, context: GroupContext | None = None,
+                  cancel: threading.Event | None = None) -> Choice:
+    """TMI-GKP Stage 2 for one group; see `greedy_many`."""
+    return greedy_many([Group(distances, None, context)], kept, gamma_ratio=gamma_ratio, beta=beta,
+                       floor_gamma=floor_gamma, cancel=cancel)[0]
+
+
+def greedy_many(groups: Sequence[Group], kept: int, *, gamma_ratio: float = 0.2, beta: float | str = "auto",
+                floor_gamma: bool = True, cancel: threading.Event | None = None) -> list[Choice]:
+    """TMI-GKP Stage 2 for groups of one shape (Algorithm 1 + Eq. 5): a greedy set from every
+    start kernel, scored `inner - beta * sum over pruned of its gamma nearest kept distances`;
+    the highest wins, the lowest start on ties. Without `floor_gamma` (compat `reference`)
+    gamma may be 0, leaving the inner diversity alone (beta is then 0)."""
+    channels = len(groups[0].distances)
     _check_kept(kept, channels)
-    gamma = gamma_count(kept, gamma_ratio)
+    gamma = gamma_count(kept, gamma_ratio, floor_gamma)
     pruned = channels - kept
     if beta == "auto":
-        beta = math.comb(kept, 2) / (pruned * gamma) if pruned else 0.0
-    dq, unit = to_fixed_point(distances, channels * channels)
-    search = _Search(dq, np.zeros(channels, dtype=np.int64), kept, 1)
-    members, scores = [], []
-    for starts in _chunks(channels, channels):
-        check_cancel(cancel)
-        grown = _grow(search, starts)
-        sets = grown.members[:, 0, :]
-        outer = grown.outer[:, 0] if gamma == 1 else _gamma_outer(dq, sets, gamma)
-        members.extend(sets.tolist())
-        scores.extend(((grown.inner[:, 0] - float(beta) * outer) * unit).tolist())
-    return _finish(context, "greedy", float(beta), gamma, members, scores, int(np.argmax(scores)))
+        beta = math.comb(kept, 2) / (pruned * gamma) if pruned and gamma else 0.0
+    weight = float(beta)
+    problems = Problems.build([g.distances for g in groups])
 
+    def run(owner: np.ndarray, starts: np.ndarray) -> tuple[list[list[int]], list[float]]:
+        grown = grow(problems, Beam(kept), owner, starts, cancel=cancel)
+        sets = grown.members(np.zeros((len(starts), 1), dtype=np.int64))[:, 0]
+        if gamma == 0:
+            outer = np.zeros(len(starts), dtype=np.int64)
+        elif gamma == 1:
+            outer = grown.outer[:, 0]
+        else:
+            states, lane, inverse = np.unique(grown.final_state[:, 0], return_index=True, return_inverse=True)
+            unique = gamma_outer(problems, owner[lane], members_of(grown.final_bits[states], channels), gamma)
+            outer = unique[inverse.ravel()]
+        return sets.tolist(), ((grown.inner[:, 0] - weight * outer) * problems.unit[owner]).tolist()
 
-def _gamma_outer(dq: np.ndarray, sets: np.ndarray, gamma: int) -> np.ndarray:
-    """Per set, the sum over pruned kernels of the distances to their `gamma` nearest members."""
-    out = np.empty(len(sets), dtype=np.int64)
-    for part in _chunks(len(sets), sets.shape[1] * len(dq)):
-        to_members = np.swapaxes(dq[sets[part]], 1, 2)  # (P, C, S): every kernel to each member
-        nearest = np.partition(to_members, gamma - 1, axis=2)[..., :gamma].sum(axis=2)
-        nearest[np.arange(len(part))[:, None], sets[part]] = 0
-        out[part] = nearest.sum(axis=1)
-    return out
+    done = _parallel([lambda o=o, s=s: run(o, s) for o, s in _lane_chunks(len(groups), channels, 1)])
+    members = _by_group(len(groups), channels, [m for m, _ in done])
+    scores = _by_group(len(groups), channels, [s for _, s in done])
+    return [_finish(g.context, "greedy", weight, gamma, members[i], scores[i], int(np.argmax(scores[i])))
+            for i, g in enumerate(groups)]
 
 
 def _finish(context: GroupContext | None, selection: str, beta: float, gamma: int,
@@ -321,29 +261,36 @@ def _finish(context: GroupContext | None, selection: str, beta: float, gamma: in
     if context is not None:
         emit = context.tracer.emit
         emit(StartResults(context.layer, context.group, selection, beta, gamma, tuple(range(len(scores))),
-                          tuple(tuple(m) for m in members), tuple(scores)))
+                          tuple(map(tuple, members)), tuple(scores)))
         emit(FinalChoice(context.layer, context.group, tuple(choice.kept), choice.score, choice.start))
     return choice
 
 
-def _emit_beam(context: GroupContext, starts: np.ndarray, grown: _Grown, costs: np.ndarray,
-               pick: np.ndarray, unit: float, s_unit: float, beta: float) -> None:
-    """Beam cut and final-candidate events for each start of a recorded chunk."""
-    emit = context.tracer.emit
-    for row, start in enumerate(starts.tolist()):
-        for cut in grown.cuts:
-            emit(BeamCut(context.layer, context.group, start, cut.size, cut.beta, tuple(
-                BeamCandidate(tuple(cut.members[row, i].tolist()), int(cut.added[row, i]),
-                              float(cut.cost_q[row, i] * unit), float(cut.smooth_q[row, i] * s_unit),
-                              int(cut.rank_cost[row, i]), int(cut.rank_smooth[row, i]),
-                              float(cut.score[row, i]), bool(cut.survived[row, i]))
-                for i in range(cut.members.shape[1])
-            )))
-        emit(BeamFinal(context.layer, context.group, start, beta, tuple(
-            FinalCandidate(tuple(grown.members[row, i].tolist()), float(costs[row, i]),
-                           float(grown.smooth[row, i] * s_unit))
-            for i in range(grown.members.shape[1])
-        ), int(pick[row])))
+def _emit_beams(grown: Grown, lanes: Sequence[tuple[GroupContext, float, float]], costs: np.ndarray,
+                pick: np.ndarray, beta: float) -> None:
+    """Beam cut and final-candidate events of each lane of a recorded search; `lanes[row]` is
+    the lane's context and its group's distance and smoothness units. Arrays become Python
+    values once per cut, for all lanes together."""
+    units = np.array([unit for _, unit, _ in lanes])[:, None]
+    s_units = np.array([s_unit for _, _, s_unit in lanes])[:, None]
+    cuts = [
+        (cut, cut.members.tolist(), cut.added.tolist(), (cut.cost_q * units).tolist(), (cut.smooth_q * s_units).tolist(),
+         cut.rank_cost.tolist(), cut.rank_smooth.tolist(), cut.score.tolist(), cut.survived.tolist())
+        for cut in grown.cuts
+    ]
+    finals = grown.members(np.broadcast_to(np.arange(grown.inner.shape[1]), grown.inner.shape)).tolist()
+    final_costs, final_smooth = costs.tolist(), (grown.smooth * s_units).tolist()
+    starts, best = grown.starts.tolist(), pick.tolist()
+    for row, (context, _, _) in enumerate(lanes):
+        emit, layer, group = context.tracer.emit, context.layer, context.group
+        for cut, members, added, cost, smooth, rank_cost, rank_smooth, score, survived in cuts:
+            emit(BeamCut(layer, group, starts[row], cut.size, cut.beta, tuple(map(
+                BeamCandidate, map(tuple, members[row]), added[row], cost[row], smooth[row], rank_cost[row],
+                rank_smooth[row], score[row], survived[row],
+            ))))
+        emit(BeamFinal(layer, group, starts[row], beta, tuple(map(
+            FinalCandidate, map(tuple, finals[row]), final_costs[row], final_smooth[row],
+        )), best[row]))
 
 
 def l2_select(kernels: np.ndarray, kept: int, context: GroupContext | None = None) -> Choice:

@@ -11,11 +11,13 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..common.errors import WorkbenchError
-from ..common.fileio import write_text_atomic
+from ..common.fileio import AtomicJsonLines, write_text_atomic
 
 TRACE_FORMAT = "gkp-workbench/trace"
 TRACE_VERSION = 1
@@ -34,10 +36,9 @@ class TraceEvent:
     layer: str
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists, nested records dicts) with `kind`."""
-        data = _plain(dataclasses.asdict(self))
-        data["kind"] = self.kind
-        return data
+        """Plain JSON-ready dict (tuples become lists, nested records dicts) with `kind`, keys in
+        sorted order."""
+        return _record_dict(self)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "TraceEvent":
@@ -372,7 +373,39 @@ class Tracer:
 
 def event_line(event: TraceEvent) -> str:
     """One JSON line (sorted keys, no newline) for `event`."""
-    return json.dumps(event.to_dict(), sort_keys=True)
+    return _ENCODE(_record_dict(event))
+
+
+class TraceFile:
+    """An event sink that streams a trace into a JSON-lines file (header-less, as batch mode
+    writes `decisions.jsonl`): each event is encoded as it arrives and a layer's lines are
+    written at once when the layer ends. The file replaces `path` only when the `with` block
+    ends without an exception."""
+
+    _LAYER_ENDS = frozenset({LayerDone.kind, LayerSkipped.kind})
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._file = AtomicJsonLines(path)
+        self._lines: list[str] = []
+
+    def emit(self, event: TraceEvent) -> None:
+        self._lines.append(event_line(event))
+        if event.kind in self._LAYER_ENDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._file.write_lines(self._lines)
+        self._lines = []
+
+    def __enter__(self) -> "TraceFile":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self._file.__exit__(exc_type, exc, tb)
 
 
 def write_jsonl(path: str | os.PathLike[str], events: Iterable[TraceEvent]) -> None:
@@ -410,12 +443,41 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[TraceEvent]:
     return events
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+_ENCODE = json.JSONEncoder().encode  # the dicts are built with sorted keys: same text as sort_keys=True
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    """A trace record (event or nested record) as a JSON-ready dict with sorted keys."""
+    keys, getter, converters = _codec(type(record))
+    values = list(getter(record))
+    for position, convert in converters:
+        values[position] = convert(values[position])
+    return dict(zip(keys, values))
+
+
+@cache
+def _codec(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], tuple[tuple[int, Callable[[Any], Any]], ...]]:
+    """For a record class: its keys (fields and, for events, `kind`) sorted, one getter for all
+    their values, and the converter of each value that is not JSON-ready as it is (tuples become
+    lists, nested records dicts), so no record needs `dataclasses.asdict`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    keys = tuple(sorted(names + (["kind"] if issubclass(cls, TraceEvent) else [])))
+    converters = tuple((i, c) for i, key in enumerate(keys) if key != "kind" and (c := _converter(hints[key])))
+    getter = attrgetter(*keys) if len(keys) > 1 else (lambda record: (getattr(record, keys[0]),))
+    return keys, getter, converters  # type: ignore[return-value]
+
+
+def _converter(hint: Any) -> Callable[[Any], Any] | None:
+    if typing.get_origin(hint) is not tuple:
+        return None
+    args = typing.get_args(hint)
+    item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+    if item is not None and dataclasses.is_dataclass(item):
+        return lambda records: [_record_dict(r) for r in records]
+    if item is not None and typing.get_origin(item) is tuple:
+        return lambda rows: [list(row) for row in rows]
+    return list
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

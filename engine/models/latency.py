@@ -1,12 +1,14 @@
 """Inference latency of a model on one device: eval mode, `torch.inference_mode`, a pinned CPU
 thread count, and on CUDA the cuDNN autotuner and synchronisation, so original and pruned
-models are timed alike."""
+models are timed alike; several models compared in interleaved rounds, with their spread and a
+verdict that says when a difference is within noise."""
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,21 +99,76 @@ def measure_latency(
     )
 
 
-def compare_latency(
+@dataclass(frozen=True)
+class RoundTimes:
+    """One model's per-forward times over interleaved rounds: the median of each round
+    (`round_ms`, in round order), their median, interquartile range and extremes, and `best_ms`,
+    the lowest per-round 10th percentile (what a load spike cannot inflate)."""
+
+    round_ms: tuple[float, ...]
+    best_ms: float
+    repeats: int
+
+    @property
+    def rounds(self) -> int:
+        return len(self.round_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.round_ms))
+
+    @property
+    def q1_ms(self) -> float:
+        return float(np.percentile(self.round_ms, 25))
+
+    @property
+    def q3_ms(self) -> float:
+        return float(np.percentile(self.round_ms, 75))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_ms": self.median_ms, "q1_ms": self.q1_ms, "q3_ms": self.q3_ms,
+                "min_ms": min(self.round_ms), "max_ms": max(self.round_ms), "best_ms": self.best_ms,
+                "rounds": self.rounds, "repeats": self.repeats, "round_ms": list(self.round_ms)}
+
+
+def interleaved_latency(
     models: dict[str, nn.Module],
     example_input: torch.Tensor,
     *,
     device: str | torch.device | None = None,
-    rounds: int = 5,
+    rounds: int = 8,
     repeats: int = 10,
-) -> dict[str, float]:
-    """Median milliseconds per model, timed in `rounds` interleaved rounds and keeping each
-    model's fastest round, so a load spike on a shared machine does not favour one model."""
+    warmup: int = 1,
+    threads: int | None = None,
+) -> dict[str, RoundTimes]:
+    """Time every model in `rounds` interleaved rounds, each round timing each model once
+    (`repeats` calls after `warmup`) in an order rotated from round to round, so load on a
+    shared machine falls on all models alike rather than on whichever ran during a spike."""
     if rounds < 1:
         raise ConfigError(f"latency comparison needs at least one round, got {rounds}")
-    best: dict[str, float] = {name: float("inf") for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            result = measure_latency(model, example_input, device=device, repeats=repeats)
-            best[name] = min(best[name], result.median_ms)
-    return best
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    fastest: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            result = measure_latency(models[name], example_input, device=device, warmup=warmup,
+                                     repeats=repeats, threads=threads)
+            medians[name].append(result.median_ms)
+            fastest[name].append(result.p10_ms)
+    return {name: RoundTimes(tuple(medians[name]), min(fastest[name]), repeats) for name in names}
+
+
+def latency_verdict(before: RoundTimes, after: RoundTimes) -> str:
+    """"faster" or "slower" when the pruned model's time relative to the original's, taken round
+    by round (both timed back to back, so load drift between rounds cancels), has its whole
+    interquartile range on one side of 1; "within noise" when the range holds 1."""
+    if before.rounds != after.rounds:
+        raise ConfigError(f"latency verdict needs the same rounds for both models, got {before.rounds} and {after.rounds}")
+    ratios = np.asarray(after.round_ms) / np.asarray(before.round_ms)
+    low, high = np.percentile(ratios, 25), np.percentile(ratios, 75)
+    if high < 1.0:
+        return "faster"
+    if low > 1.0:
+        return "slower"
+    return "within noise"

@@ -126,6 +126,24 @@ def _checked(model: nn.Module, kept: Mapping[str, Sequence[int]]) -> list[tuple[
     return out
 
 
+def filter_batchnorm_channels(model: nn.Module, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """For each named conv of `model` with a BatchNorm after it, that BatchNorm's name and the
+    channels `remove_filters` keeps of it."""
+    if not kept:
+        return {}
+    return {chain.bn: index for chain, index in _checked(model, kept) if chain.bn is not None}
+
+
+def silenced_tensors(model: nn.Module, kept: Mapping[str, Sequence[int]]) -> list[torch.Tensor]:
+    """The tensors `silence_filters` writes to: each named conv's weight and bias and the affine
+    terms of its BatchNorm."""
+    tensors: list[torch.Tensor] = []
+    for chain, _ in _checked(model, kept) if kept else []:
+        modules = [model.get_submodule(chain.conv), *([model.get_submodule(chain.bn)] if chain.bn else [])]
+        tensors += [t for m in modules for t in (m.weight, m.bias) if t is not None]
+    return tensors
+
+
 def remove_filters(model: nn.Module, kept: Mapping[str, Sequence[int]]) -> None:
     """In place: keep only the filters `kept[conv]` of each named conv, shrinking the conv, its
     BatchNorm and the inputs of its reader."""

@@ -82,8 +82,9 @@ class AttackResult:
 
 @dataclass
 class RobustnessReport:
-    """Clean and per-attack accuracy (fractions in [0, 1]) on the same `n_examples` examples.
-    `images_per_second` counts test images fully evaluated (clean plus every attack)."""
+    """Clean and per-attack accuracy (fractions in [0, 1]) on the same `n_examples` examples;
+    `clean_predicted` counts the clean predictions per class (a collapsed model puts nearly all
+    in one). `images_per_second` counts test images fully evaluated (clean plus every attack)."""
 
     n_examples: int
     clean_correct: int
@@ -95,6 +96,7 @@ class RobustnessReport:
     images_per_second: float
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
+    clean_predicted: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +106,7 @@ class RobustnessReport:
         values = dict(data)
         values["attacks"] = [AttackResult(**item) for item in data["attacks"]]
         values["warnings"] = list(data.get("warnings", []))
+        values["clean_predicted"] = list(data.get("clean_predicted", []))
         return cls(**values)
 
     @classmethod
@@ -137,6 +140,7 @@ class RobustnessReport:
             images_per_second=n / seconds if seconds > 0 else 0.0,
             seed=first.seed,
             warnings=list(dict.fromkeys(w for r in reports for w in r.warnings)),
+            clean_predicted=[sum(counts) for counts in zip(*(r.clean_predicted for r in reports))],
         )
 
 
@@ -508,9 +512,14 @@ def evaluate_robustness(
             params = _complete(spec, params, seed, n_classes)
             runs.append((spec, cls, params, _build_attack(cls, params, net, box)))
 
+        predicted = torch.zeros(n_classes, dtype=torch.long)
+
         def score(images: torch.Tensor, targets: torch.Tensor, index: int) -> dict[str, int]:
             x = to_space(images)
-            counts = {"clean": count_correct(net, x, targets)}
+            with torch.no_grad():
+                guess = net(x).argmax(dim=1)
+            predicted.add_(torch.bincount(guess.cpu(), minlength=n_classes))
+            counts = {"clean": int((guess == targets).sum())}
             if index == 0:
                 warnings.extend(_first_batch_warnings(net, x, targets, runs, box, seed))
             for number, (spec, _, _, attack) in enumerate(runs):
@@ -541,4 +550,5 @@ def evaluate_robustness(
         images_per_second=n / seconds if seconds > 0 else 0.0,
         seed=seed,
         warnings=warnings,
+        clean_predicted=predicted.tolist(),
     )

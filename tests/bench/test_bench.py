@@ -1,6 +1,7 @@
 """The bench runner's bookkeeping (the benchmarks themselves are scripts, not tests)."""
 
 from bench.__main__ import with_earlier_steps
+from bench.prune_speed import render, summarise
 
 
 def test_a_partial_bench_run_keeps_the_other_steps_results() -> None:
@@ -30,3 +31,18 @@ def test_finetune_throughput_compares_each_round_with_its_own_plain_loop() -> No
     assert summary["plain"]["vs_plain"] == 1.0 and summary["plain"]["median"] == 150.0
     assert summary["standard"]["vs_plain"] == 0.95  # median of 0.9, 0.95, 1.067: not 160 / 150
     assert (summary["asam"]["n"], summary["asam"]["min"], summary["asam"]["max"]) == (3, 40.0, 70.0)
+
+
+def test_prune_speed_summarises_runs_in_units():
+    runs = [
+        {"unit_s": 0.5, "command_s": 2.0, "import_s": 1.0, "prune_seconds": 0.5, "peak_rss_mb": 900.0,
+         "steps": {"plan": 0.5, "rebuild": 0.25, "check": 0.1, "latency": 0.1}},
+        {"unit_s": 1.0, "command_s": 3.0, "import_s": 1.5, "prune_seconds": 0.8, "peak_rss_mb": 950.0,
+         "steps": {"plan": 0.8, "rebuild": 0.5, "check": 0.2, "latency": 0.2}},
+    ]
+    summary = summarise("command:sr-gkp:resnet56", runs)
+    assert summary["n"] == 2 and summary["peak_rss_mb"] == 950.0 and summary["target_units"] == 1.0
+    assert summary["command_s_units"] == {"median": 3.5, "min": 3.0, "max": 4.0}
+    assert summary["step_plan_units"] == {"median": 0.9, "min": 0.8, "max": 1.0}
+    row = render({"command:sr-gkp:resnet56": summary}).splitlines()[-1]
+    assert row.startswith("| command:sr-gkp:resnet56 | 2 | 0.75 |") and "import 1.75, plan 0.90" in row

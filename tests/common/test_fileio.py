@@ -25,7 +25,7 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
     """Outputs get 0666 less the umask, like any file the user writes, not mkstemp's 0600."""
     write_text_atomic(tmp_path / "a.txt", "x")
     with AtomicJsonLines(tmp_path / "b.jsonl") as lines:
-        lines.write({"k": 1})
+        lines.write_lines(['{"k": 1}'])
     mask = os.umask(0o022)
     os.umask(mask)
     for name in ("a.txt", "b.jsonl"):

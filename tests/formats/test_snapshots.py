@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.common.errors import ConfigError, SnapshotError
-from engine.formats.snapshots import epoch_of, load_snapshots, save_snapshot_archive
+from engine.formats.snapshots import epoch_of, load_snapshots, open_snapshots, save_snapshot_archive
 from engine.models.architectures import ArchSpec, build_model
 
 
@@ -59,6 +59,18 @@ def test_names_wrappers_and_prefixes(tmp_path: Path) -> None:
     assert sorted(loaded) == [1, 2, 3, 4]
     for epoch, state in states.items():
         assert_states_equal(loaded[epoch], state)
+
+
+def test_open_snapshots_reads_each_file_when_asked(tmp_path: Path) -> None:
+    states = write_epochs(tmp_path, [1, 2])
+    (tmp_path / "epoch_3.pt").write_bytes(b"")
+    source = open_snapshots(tmp_path)  # names only: the empty file is not read yet
+    assert list(source) == [1, 2, 3] and len(source) == 3 and 2 in source and 4 not in source
+    assert_states_equal(source[2], states[2])
+    with pytest.raises(KeyError):
+        source[4]
+    with pytest.raises(SnapshotError, match="epoch_3.pt is empty"):
+        source.check()
 
 
 def test_gap_inside_window_names_found_epochs(tmp_path: Path) -> None:

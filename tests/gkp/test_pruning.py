@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from engine.gkp.plan import PrunePlan
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import GROUPINGS, SELECTIONS, PruneConfig
 from engine.gkp.selection import pair_beta
-from engine.gkp.traces import LayerStart, StartResults, TraceEvent
+from engine.gkp.traces import BeamCut, BeamFinal, LayerStart, StartResults, TraceEvent
 from engine.models.cifar_resnet import CifarResNet
 
 
@@ -105,6 +107,31 @@ def test_compat_reference_freezes_beta_at_the_first_cut():
     assert beta == {"paper": pair_beta(9, 16), "reference": pair_beta(4, 16)}
 
 
+def test_compat_reference_cuts_at_the_final_size():
+    # rate 0.375 of C_in = 16: S = 10 either way, and S - 1 = 9 is a multiple of check_every = 3
+    cuts = {}
+    for compat in ("paper", "reference"):
+        events: list[TraceEvent] = []
+        plan = plan_pruning(tiny(), PruneConfig(compat=compat, groups=4, rate=0.375), on_event=events.append)
+        assert plan.layer("2").kept == 10
+        cuts[compat] = sorted({e.size for e in events if isinstance(e, BeamCut) and e.layer == "2"})
+        finals = [e for e in events if isinstance(e, BeamFinal) and e.layer == "2"]
+        assert {len(e.candidates) for e in finals} == {2 if compat == "reference" else 16}
+    assert cuts == {"paper": [4, 7], "reference": [4, 7, 10]}
+
+
+def test_compat_reference_gamma_has_no_floor():
+    # rate 0.875 of C_in = 16: S = 2 either way; gamma = floor(0.2 * 2) = 0 under reference
+    for compat, gamma in (("paper", 1), ("reference", 0)):
+        events: list[TraceEvent] = []
+        plan_pruning(tiny(), PruneConfig(compat=compat, groups=4, rate=0.875, grouping="random", selection="greedy"),
+                     on_event=events.append)
+        results = [e for e in events if isinstance(e, StartResults) and e.layer == "2"]
+        assert {len(m) for r in results for m in r.members} == {2}
+        assert {r.gamma for r in results} == {gamma}
+        assert ({r.beta for r in results} == {0.0}) == (compat == "reference")
+
+
 def test_tmi_weighting_follows_compat():
     model = tiny()
     snapshots = snapshots_for(model, [5])
@@ -116,6 +143,42 @@ def test_tmi_weighting_follows_compat():
         expected = [(m + 0.25 * v) if compat == "paper" else (0.25 * m + v)
                     for m, v in zip(ticket.rank_mean, ticket.rank_var)]
         assert list(ticket.score) == expected
+
+
+class OneAtATime(Mapping):
+    """Snapshots that record each read and check the previous snapshot was let go first."""
+
+    class State(dict):
+        pass
+
+    def __init__(self, snapshots):
+        self.snapshots, self.reads, self.given = snapshots, [], []
+
+    def __getitem__(self, epoch):
+        assert all(ref() is None for ref in self.given), "a snapshot is still held while the next is read"
+        self.reads.append(epoch)
+        state = self.State(self.snapshots[epoch])
+        self.given.append(weakref.ref(state))
+        return state
+
+    def __iter__(self):
+        return iter(self.snapshots)
+
+    def __len__(self):
+        return len(self.snapshots)
+
+    def __contains__(self, epoch):
+        return epoch in self.snapshots
+
+
+def test_tmi_reads_each_snapshot_once_and_holds_one_at_a_time():
+    model = tiny()
+    snapshots = snapshots_for(model, range(3, 7))
+    config = PruneConfig(method="tmi-gkp", ticket_window=(3, 6), seed=4)
+    source = OneAtATime(snapshots)
+    streamed = plan_pruning(model, config, snapshots=source)
+    assert source.reads == [3, 4, 5, 6]
+    assert streamed.to_json() == plan_pruning(model, config, snapshots=snapshots).to_json()
 
 
 def test_tmi_without_snapshots_is_a_clear_error():

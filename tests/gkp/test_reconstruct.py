@@ -128,6 +128,20 @@ def test_grouped_matches_masked_dense(key: str) -> None:
     assert equivalence_error(model, reference, x) > 1e-3
 
 
+def test_masked_dense_can_share_what_it_does_not_mask() -> None:
+    factory, shape = MODELS["resnet20-layer"]
+    model = randomize_bn(factory())
+    plan = random_plan(model)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    shared = masked_dense(model, plan, share_unplanned=True)
+    x = torch.randn(shape)
+    assert equivalence_error(shared, masked_dense(model, plan), x) == 0.0
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())  # the model is untouched
+    planned = {f"{layer.name}.weight" for layer in plan.layers}
+    ours, theirs = dict(model.named_parameters()), dict(shared.named_parameters())
+    assert {name for name in ours if ours[name] is theirs[name]} == set(ours) - planned
+
+
 def test_odd_layers_are_skipped_with_reasons_and_pointwise_can_be_included() -> None:
     model = randomize_bn(OddNet())
     plan = random_plan(model)

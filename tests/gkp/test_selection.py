@@ -41,11 +41,12 @@ def best_next(d, members):
     return [x for _, x in sorted(sums, key=lambda t: (-t[0], t[1]))]
 
 
-def naive_greedy(d, kept, gamma_ratio=0.2, beta="auto"):
+def naive_greedy(d, kept, gamma_ratio=0.2, beta="auto", floor=True):
     c_in = len(d)
-    gamma = max(1, math.floor(gamma_ratio * kept + 1e-9))
+    gamma = math.floor(gamma_ratio * kept + 1e-9)
+    gamma = max(1, gamma) if floor else gamma
     if beta == "auto":
-        beta = math.comb(kept, 2) / ((c_in - kept) * gamma) if c_in > kept else 0.0
+        beta = math.comb(kept, 2) / ((c_in - kept) * gamma) if c_in > kept and gamma else 0.0
     results = []
     for start in range(c_in):
         members = [start]
@@ -56,7 +57,7 @@ def naive_greedy(d, kept, gamma_ratio=0.2, beta="auto"):
     return results, best
 
 
-def naive_beam(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False):
+def naive_beam(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False, final_cut=False):
     c_in = len(d)
 
     def beta(m):
@@ -73,7 +74,7 @@ def naive_beam(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False)
         while len(beam[0]) < kept:
             beam = [entry + [x] for entry in beam for x in best_next(d, entry)[:width]]
             m = len(beam[0])
-            if m < kept and (m - 1) % check_every == 0:
+            if (m < kept or final_cut) and (m - 1) % check_every == 0:
                 costs = [cost(v) for v in beam]
                 smooths = [sum(smooth[i] for i in v) for v in beam]
                 rank_cost = [sum(c2 > c for c2 in costs) for c in costs]
@@ -113,16 +114,17 @@ def test_greedy_hand_checked_line():
     assert results.beta == 1.5 and results.gamma == 1
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_greedy_matches_naive(seed):
     rng = np.random.default_rng(seed)
     c_in = int(rng.integers(5, 11))
     kept = int(rng.integers(2, c_in))
     d, _ = random_case(rng, c_in)
     ratio = float(rng.choice([0.2, 0.5]))
+    floor = seed % 2 == 0
     events, context = recorder()
-    choice = greedy_select(d, kept, gamma_ratio=ratio, context=context)
-    expected, best = naive_greedy(d, kept, ratio)
+    choice = greedy_select(d, kept, gamma_ratio=ratio, floor_gamma=floor, context=context)
+    expected, best = naive_greedy(d, kept, ratio, floor=floor)
     results = next(e for e in events if isinstance(e, StartResults))
     assert list(results.scores) == [s for s, _ in expected]
     assert [list(m) for m in results.members] == [m for _, m in expected]
@@ -146,10 +148,11 @@ def test_smooth_beam_matches_naive(seed):
     width = int(rng.integers(1, 4))
     check_every = int(rng.integers(1, 4))
     freeze = bool(rng.integers(0, 2))
+    final_cut = seed % 4 == 1
     d, smooth = random_case(rng, c_in, high=2 + seed % 5)  # small ranges: many ties
     choice = smooth_beam_select(d, smooth, kept, beam_width=width, check_every=check_every, alpha=0.9,
-                                freeze_beta=freeze)
-    cost, start, members = naive_beam(d, smooth, kept, width, check_every, 0.9, freeze)
+                                freeze_beta=freeze, cut_at_final=final_cut)
+    cost, start, members = naive_beam(d, smooth, kept, width, check_every, 0.9, freeze, final_cut)
     assert (choice.score, choice.start, choice.kept) == (cost, start, sorted(members))
 
 
@@ -230,6 +233,50 @@ def test_frozen_beta_changes_the_pick():
     assert (frozen.score, frozen.start, frozen.kept) == (cost, start, sorted(members))
 
 
+def test_reference_cuts_again_at_the_final_size():
+    # S = 10 with check_every = 3 (rate 0.375 of 16 kernels under compat reference): the reference
+    # code cuts at 4, 7 and 10, so each start ends with 2 candidates, not 16.
+    rng = np.random.default_rng(21)
+    changed = 0
+    for _ in range(30):
+        d, smooth = random_case(rng, 16, high=30)
+        events, context = recorder()
+        choice = smooth_beam_select(d, smooth, 10, freeze_beta=True, cut_at_final=True, alpha=0.2, context=context)
+        cost, start, members = naive_beam(d, smooth, 10, alpha=0.2, freeze=True, final_cut=True)
+        assert (choice.score, choice.start, choice.kept) == (cost, start, sorted(members))
+        changed += choice.kept != smooth_beam_select(d, smooth, 10, freeze_beta=True, alpha=0.2).kept
+    assert changed > 0  # the extra cut decides some groups differently
+    cuts = [e for e in events if isinstance(e, BeamCut)]
+    final = next(e for e in events if isinstance(e, BeamFinal))
+    assert [c.size for c in cuts] == [4, 7, 10] and len(cuts[-1].candidates) == 16
+    survivors = [c.members for c in cuts[-1].candidates if c.survived]
+    assert [c.members for c in final.candidates] == survivors and len(survivors) == 2
+    assert cuts[-1].beta == final.beta == pair_beta(4, 16)  # the frozen beta, also at the last cut
+    # without the quirk the same schedule never cuts at the complete size
+    events, context = recorder()
+    smooth_beam_select(d, smooth, 10, freeze_beta=True, alpha=0.2, context=context)
+    assert [e.size for e in events if isinstance(e, BeamCut)] == [4, 7]
+
+
+def test_reference_gamma_has_no_floor():
+    # S = 2 (rate 0.875 of 16 kernels under compat reference): gamma = floor(0.2 * 2) = 0, so the
+    # outer-coverage term vanishes and a start scores its inner diversity alone.
+    rng = np.random.default_rng(22)
+    changed = 0
+    for _ in range(20):
+        d, _ = random_case(rng, 16, high=30)
+        events, context = recorder()
+        choice = greedy_select(d, 2, floor_gamma=False, context=context)
+        results = next(e for e in events if isinstance(e, StartResults))
+        expected, best = naive_greedy(d, 2, floor=False)
+        assert (results.gamma, results.beta) == (0, 0.0)
+        assert list(results.scores) == [inner(d, m) for _, m in expected] == [s for s, _ in expected]
+        assert choice.start == best and choice.kept == sorted(expected[best][1])
+        changed += choice.kept != greedy_select(d, 2).kept
+    assert gamma_count(2, 0.2) == 1 and gamma_count(2, 0.2, floor=False) == 0
+    assert changed > 0
+
+
 def test_same_set_scores_equal_whatever_its_build_order():
     # Fixed point makes running sums exact: every start that ends in the same set scores the same.
     weight = torch.randn(8, 24, 3, 3, dtype=torch.float64)
@@ -288,3 +335,24 @@ def test_rejects_impossible_kept_counts():
         greedy_select(d, 5)
     with pytest.raises(ValueError):
         smooth_beam_select(d, np.zeros(4), 0)
+
+
+def test_colliding_set_keys_fall_back_to_exact_sets(monkeypatch):
+    # Sets are told apart by random 64-bit keys, checked on their membership bits; with every key
+    # equal, every comparison collides and the exact path must still give the naive results.
+    from engine.gkp import search
+
+    class Colliding(search._Keys):
+        def __init__(self, groups, channels):
+            super().__init__(groups, channels)
+            self.kernel[:] = 0
+
+    monkeypatch.setattr(search, "_Keys", Colliding)
+    rng = np.random.default_rng(77)
+    for _ in range(6):
+        d, smooth = random_case(rng, 9, high=4)
+        choice = smooth_beam_select(d, smooth, 6, beam_width=2, check_every=2)
+        cost, start, members = naive_beam(d, smooth, 6, 2, 2)
+        assert (choice.score, choice.start, choice.kept) == (cost, start, sorted(members))
+        expected, best = naive_greedy(d, 6)
+        assert greedy_select(d, 6).kept == sorted(expected[best][1])

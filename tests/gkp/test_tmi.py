@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from engine.gkp.prune_config import SCHEMES
-from engine.gkp.tmi import (
+from engine.gkp.clustering import (
     balance_clusters,
     cluster_filters,
     dbscan_near_count,
     equal_size_kmeans,
+    flatten_filters,
+)
+from engine.gkp.tmi import (
     gap_statistics,
     rank_schemes,
     score_tickets,
@@ -152,9 +155,11 @@ def test_vote_majority_then_longest_run_then_earliest():
 def test_tmi_grouping_votes_once_per_ticket_and_uses_the_winner():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(16, 4, 3, 3, generator=generator)
-    tickets = [(epoch, weight + 0.1 * torch.randn(16, 4, 3, 3, generator=generator)) for epoch in range(5, 9)]
+    tickets = torch.stack([weight + 0.1 * torch.randn(16, 4, 3, 3, generator=generator) for _ in range(5, 9)])
+    scores = tmi_filter_scores(flatten_filters(weight), tickets.reshape(4, 16, -1).double().numpy())
     events = []
-    result = tmi_grouping(weight, tickets, 4, seed=1, layer="conv", tracer=Tracer(events.append))
+    found = [cluster_filters(weight, scheme, 4, 1 + index) for index, scheme in enumerate(SCHEMES)]
+    result = tmi_grouping(found, [5, 6, 7, 8], scores, layer="conv", tracer=Tracer(events.append))
     clusterings = {e.scheme: e for e in events if isinstance(e, Clustering)}
     ticket_events = [e for e in events if isinstance(e, TmiTicket)]
     vote = next(e for e in events if isinstance(e, TmiVote))
@@ -163,9 +168,13 @@ def test_tmi_grouping_votes_once_per_ticket_and_uses_the_winner():
     assert vote.votes == tuple(e.winner for e in ticket_events)
     assert result.scheme == vote.winner
     assert result.filter_groups == [list(g) for g in clusterings[vote.winner].filter_groups]
+    assert [list(e.group_scores[0]) for e in ticket_events] == [  # each ticket scored by its own filters
+        [float(scores[t, g].sum()) for g in clusterings[SCHEMES[0]].filter_groups] for t in range(4)]
 
 
 def test_tmi_grouping_with_one_scheme_forced_into_the_vote():
     weight = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0))
-    result = tmi_grouping(weight, [(1, weight * 0.5)], 2, schemes=["spectral"], seed=0)
+    scores = tmi_filter_scores(flatten_filters(weight), flatten_filters(weight * 0.5)[None])
+    result = tmi_grouping([cluster_filters(weight, "spectral", 2, 0)], [1], scores)
     assert result.scheme == "spectral"
+

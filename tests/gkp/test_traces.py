@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
+from engine.common.fileio import AtomicJsonLines
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.traces import (
@@ -30,6 +31,8 @@ from engine.gkp.traces import (
     TmiVote,
     TraceError,
     TraceEvent,
+    TraceFile,
+    event_line,
     read_jsonl,
     write_jsonl,
 )
@@ -84,6 +87,31 @@ def test_every_event_kind_round_trips_through_json(sr_run, tmi_run, tmp_path):
     assert json.loads(lines[0]) == {"format": "gkp-workbench/trace", "version": 1}
     assert all(line == json.dumps(json.loads(line), sort_keys=True) for line in lines[:50])
     assert read_jsonl(path) == events
+    for event in {e.kind: e for e in events}.values():  # the fast encoder writes what json would
+        assert event_line(event) == json.dumps(event.to_dict(), sort_keys=True)
+        assert list(event.to_dict()) == sorted(event.to_dict())
+
+
+def test_trace_file_writes_a_layer_at_a_time_and_only_on_success(sr_run, tmp_path, monkeypatch):
+    events = sr_run[1]
+    writes: list[int] = []
+    write_lines = AtomicJsonLines.write_lines
+    monkeypatch.setattr(AtomicJsonLines, "write_lines",
+                        lambda self, lines: (writes.append(len(lines)), write_lines(self, lines))[1])
+    path = tmp_path / "decisions.jsonl"
+    with TraceFile(path) as sink:
+        for event in events:
+            sink.emit(event)
+        assert not path.exists()
+    assert path.read_text() == "".join(event_line(e) + "\n" for e in events)
+    assert read_jsonl(path) == events
+    layer_ends = [i + 1 for i, e in enumerate(events) if e.kind in ("layer_done", "layer_skipped")]
+    assert [w for w in writes if w] == [b - a for a, b in zip([0, *layer_ends], layer_ends)]
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError), TraceFile(failed / "decisions.jsonl") as sink:
+        sink.emit(events[0])
+        raise RuntimeError("cancelled")
+    assert list(failed.iterdir()) == []
 
 
 def test_remaining_event_kinds_round_trip():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.common.errors import ConfigError
-from engine.models.latency import LatencyResult, measure_latency
+from engine.models.latency import LatencyResult, RoundTimes, measure_latency
 
 
 class Recorder(nn.Module):
@@ -79,8 +79,8 @@ def test_cuda_timing_moves_model_and_input() -> None:
     assert next(model.parameters()).is_cuda
 
 
-def test_compare_latency_interleaves_and_keeps_the_fastest_round() -> None:
-    from engine.models.latency import compare_latency
+def test_interleaved_latency_rotates_the_order_and_summarises_each_round() -> None:
+    from engine.models.latency import interleaved_latency
 
     calls: list[str] = []
 
@@ -93,10 +93,30 @@ def test_compare_latency_interleaves_and_keeps_the_fastest_round() -> None:
             calls.append(self.tag)
             return x
 
-    timing = compare_latency({"a": Tagged("a"), "b": Tagged("b")}, torch.zeros(1), rounds=3, repeats=2)
-    assert set(timing) == {"a", "b"} and all(v >= 0 for v in timing.values())
-    # Each round times a fully (warm-up + repeats), then b: the order alternates round by round.
-    per_round = len(calls) // 3
-    assert calls[:per_round] == ["a"] * (per_round // 2) + ["b"] * (per_round // 2)
+    timing = interleaved_latency({"a": Tagged("a"), "b": Tagged("b")}, torch.zeros(1), rounds=3, repeats=2, warmup=1)
+    assert set(timing) == {"a", "b"}
+    # Each round times one model fully (1 warm-up + 2 repeats), then the other; who goes first alternates.
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3
+    a = timing["a"]
+    assert a.rounds == 3 and a.repeats == 2 and len(a.to_dict()["round_ms"]) == 3
+    assert a.to_dict()["min_ms"] <= a.q1_ms <= a.median_ms <= a.q3_ms <= a.to_dict()["max_ms"]
+    assert a.best_ms <= a.to_dict()["min_ms"]
     with pytest.raises(ConfigError):
-        compare_latency({"a": Tagged("a")}, torch.zeros(1), rounds=0)
+        interleaved_latency({"a": Tagged("a")}, torch.zeros(1), rounds=0)
+
+
+def _times(*round_ms: float) -> RoundTimes:
+    return RoundTimes(tuple(round_ms), min(round_ms), 10)
+
+
+def test_verdict_reads_the_round_by_round_ratio() -> None:
+    from engine.models.latency import latency_verdict
+
+    original = _times(10.0, 30.0, 11.0, 50.0, 10.5)  # a busy machine: rounds differ threefold
+    assert latency_verdict(original, _times(5.0, 16.0, 6.0, 24.0, 5.0)) == "faster"  # half, every round
+    assert latency_verdict(original, _times(20.0, 61.0, 22.0, 99.0, 21.0)) == "slower"
+    # Same medians as "faster"/"slower" would suggest from unpaired numbers, but the ratio straddles 1.
+    assert latency_verdict(original, _times(9.0, 33.0, 10.0, 55.0, 10.0)) == "within noise"
+    assert latency_verdict(_times(10.0, 10.0, 10.0, 10.0), _times(9.0, 11.0, 9.5, 10.5)) == "within noise"
+    with pytest.raises(ConfigError):
+        latency_verdict(_times(1.0, 2.0), _times(1.0))

@@ -55,7 +55,8 @@ def make_config(checkpoint: Path | None, **extra: Any) -> RunConfig:
     overrides = {
         "run.device": "cpu", "finetune.device": "cpu", "data.image_size": IMAGE_SIZE,
         "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
-        "finetune.batch_size": 128, "deploy.form": "grouped", **extra,
+        "finetune.batch_size": 128, "deploy.form": "grouped", "data.spec": "digits",
+        "prune.recalibrate_images": 256, **extra,
     }
     if checkpoint is not None:
         overrides["model.checkpoint"] = str(checkpoint)
@@ -240,7 +241,14 @@ async def test_main_flow(checkpoint: Path) -> None:
         assert plan is not None and plan.method == "sr-gkp" and len(plan.layers) == 18
         metrics = app.screen.query_one("#prune-metrics", DataTable)
         assert metrics.get_row_at(1)[0] == "MACs" and metrics.get_row_at(1)[3].startswith("-")
-        assert "✓" in str(app.screen.query_one("#prune-checks", Static).render())
+        labels = [str(metrics.get_row_at(i)[0]) for i in range(metrics.row_count)]
+        assert labels[3:] == ["val acc, raw (n=180)", "val acc, BN recalibrated"]
+        checks = str(app.screen.query_one("#prune-checks", Static).render())
+        assert "✓" in checks and "interleaved rounds" in checks
+        outcome = app.session.outcome
+        assert outcome is not None and outcome.accuracy is not None and outcome.recalibration is not None
+        # The untrained test model guesses; every warning about it is on the screen.
+        assert outcome.warnings and all(w in checks.replace("\n", "") for w in outcome.warnings)
 
         await pilot.press("o")
         app.open_layer("layer2.0.conv2")
@@ -267,6 +275,8 @@ async def test_main_flow(checkpoint: Path) -> None:
 
         await pilot.press("escape", "escape", "j")
         assert isinstance(app.screen, JobsScreen)
+        notes = str(app.screen.query_one("#job-notes", Static).render())
+        assert notes.startswith("pruned model, validation accuracy (n=180): unpruned ") and "⚠" in notes
         await pilot.press("f", "ctrl+g")
         await settle(app, pilot)
         job = app.latest_job("finetune")
@@ -395,6 +405,22 @@ async def test_in_train_pruning_and_adasap_from_the_tui(checkpoint: Path, monkey
         assert [e.when for e in app.session.events if e.kind == "sharpness"] == ["before_prune", "after_prune"]
 
 
+async def test_without_data_pruning_works_and_data_jobs_say_what_is_missing(checkpoint: Path) -> None:
+    app = WorkbenchApp(make_config(checkpoint, **{"data.spec": ""}))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        assert dict(app.summary_lines())["Data"].startswith("none set")
+        await pilot.press("p", "ctrl+r")
+        await settle(app, pilot)
+        outcome = app.session.outcome
+        assert outcome is not None and outcome.accuracy is None
+        assert "pass --data" in str(app.screen.query_one("#prune-checks", Static).render())
+        await pilot.press("j", "e")
+        await settle(app, pilot)
+        job = app.latest_job("evaluate")
+        assert job is not None and job.status == FAILED and "--data" in (job.error or "")
+
+
 async def test_bad_input_is_a_notification_not_a_crash(tmp_path: Path, checkpoint: Path) -> None:
     missing = WorkbenchApp(make_config(tmp_path / "nope.pt"))
     async with missing.run_test(size=(80, 24)) as pilot:
@@ -498,8 +524,8 @@ async def test_palette_and_help_cover_every_action(checkpoint: Path) -> None:
         assert isinstance(app.screen, LayerScreen)
 
 
-async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path) -> None:
-    app = WorkbenchApp(make_config(shared_checkpoint))
+async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path, shared_cifar: str) -> None:
+    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": shared_cifar}))
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         assert app.session.open_error is None

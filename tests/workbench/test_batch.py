@@ -8,14 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine import pipeline
+from engine import report as report_module
 from engine.common.progress import Progress
+from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
 from engine.gkp.plan import PrunePlan
+from sample_models import SAMPLE_CHECKPOINT, SAMPLE_SNAPSHOTS
 from workbench import batch
 from workbench.cli import build_parser, main
 
@@ -29,7 +34,7 @@ def quick_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "quick.toml"
     path.write_text(
         "[evaluate]\nthresholds = [8]\nseverities = [3]\nbatch_size = 48\n"
-        "[deploy]\nform = \"grouped\"\n"
+        "[deploy]\nform = \"grouped\"\n[prune]\nrecalibrate_images = 256\n"
     )
     return path
 
@@ -40,8 +45,21 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
+class _Ticking(datetime):
+    """A clock a second further on at every reading: reports built twice would differ."""
+
+    calls = 0
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        cls.calls += 1
+        return datetime(2025, 1, 1, tzinfo=tz) + timedelta(seconds=cls.calls)
+
+
 @pytest.mark.parametrize("method", ["sr-gkp", "tmi-gkp"])
-def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_module, "datetime", _Ticking)  # printed report == written report, always
     out = tmp_path / "run"
     code, stdout, stderr = run(["--batch", "--method", method, "--config", str(quick_config),
                                 "--out", str(out), "--json", *QUICK], capsys)
@@ -59,6 +77,9 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     assert 0.35 < prune["macs_reduction"] < 0.45  # 43.75% of the 18 pruned layers' MACs
     assert prune["equivalence_max_abs_err"] < 1e-4
     assert [s["name"] for s in prune["layers_skipped"]] == ["conv1"]
+    steps = prune["step_seconds"]
+    assert set(steps) == {"plan", "recalibrate", "rebuild", "check", "latency"} and steps["plan"] == prune["seconds"]
+    assert all(seconds > 0 for seconds in steps.values())
     plan = PrunePlan.load(out / "plan.json")
     assert len(plan.layers) == len(prune["layers"]) == 18
     assert all(layer.kept == round(0.5625 * layer.in_channels) for layer in plan.layers)
@@ -71,6 +92,23 @@ def test_sample_end_to_end(method: str, tmp_path: Path, quick_config: Path, caps
     assert PrunePlan.from_dict(reopened.plan).to_json() == plan.to_json()
     first_line = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
     assert first_line["kind"] in {"layer_skipped", "layer_start"}
+    # Pruning collapses the sample to one class; recalibration brings it back, and pruned.pt holds
+    # the recalibrated statistics: reopened, it scores exactly the recalibrated accuracy.
+    accuracy = prune["accuracy"]
+    assert accuracy["n"] == report["data"]["n_val"] == 180 and accuracy["before"] > 0.95
+    assert accuracy["raw"] < 0.2 and accuracy["recalibrated"] > 0.85
+    assert prune["recalibration"]["images"] == 256 and prune["recalibration"]["layers"] == 19
+    assert any("before BatchNorm recalibration: predicts" in w for w in report["warnings"])
+    saved = RunConfig.load(out / "config.toml")
+    assert (saved.model.checkpoint, saved.model.snapshots, saved.data.spec) == (
+        str(SAMPLE_CHECKPOINT), str(SAMPLE_SNAPSHOTS), "digits")
+    saved.model.checkpoint, saved.run.stages = str(out / "pruned.pt"), ["prune"]
+    ws = pipeline.open_workspace(saved)
+    assert pipeline.validation_accuracy(ws, ws.model, "reopened").clean_acc == accuracy["recalibrated"]
+    if method == "tmi-gkp":
+        assert prune["snapshots"] == {"source": str(SAMPLE_SNAPSHOTS), "epochs": list(range(35, 71))}
+    else:
+        assert prune["snapshots"] is None
 
 
 def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,6 +116,9 @@ def test_summary_table_on_stdout(tmp_path: Path, quick_config: Path, capsys: pyt
                                 "--out", str(tmp_path / "run")], capsys)
     assert code == 0, stderr
     assert "MACs after" in stdout and "equivalence max |err|" in stdout
+    assert "latency (grouped, batch 1, 8 rounds)" in stdout and " ms (IQR " in stdout
+    assert "pruned layers deployed" in stdout and "18 grouped, 0 dense" in stdout
+    assert "val accuracy unpruned (n=180)" in stdout
     lines = stderr.splitlines()  # plain lines when stderr is not a terminal, one per tenth at most
     assert any(line.startswith("[prune] resnet20_digits.pt 100.0%") for line in lines), stderr
     assert len([line for line in lines if line.startswith("[prune]")]) <= 11
@@ -129,19 +170,51 @@ def test_progress_lines_name_the_model_and_stay_few() -> None:
     assert live.count("\r") == len(steps) + len(base)
 
 
-def test_shared_checkpoint_with_normalization(shared_checkpoint: Path, tmp_path: Path, quick_config: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_shared_checkpoint_on_real_cifar(shared_checkpoint: Path, shared_cifar: str, tmp_path: Path,
+                                        quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's done-when: prune,evaluate on the real ResNet-20 and real CIFAR-10 images prints
+    raw and recalibrated accuracy, with a collapse warning on the raw one."""
     out = tmp_path / "run"
     code, stdout, stderr = run([str(shared_checkpoint), "--batch", "--stages", "prune,evaluate",
-                                "--normalize", "imagenet", "--config", str(quick_config),
-                                "--out", str(out), "--json", "--max-examples", "16"], capsys)
+                                "--normalize", "imagenet", "--data", shared_cifar, "--config", str(quick_config),
+                                "--out", str(out), "--max-examples", "16"], capsys)
     assert code == 0, stderr
-    report = json.loads(stdout)
-    assert report["model"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert "  pruned, raw " in stdout and "  recalibrated (256 images) " in stdout
+    assert "warning: pruned model before BatchNorm recalibration: " in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["version"] == 2 and report["model"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
     assert report["model"]["normalization"]["source"] == "set by the user"
     assert report["model"]["params"] == 269_722 and report["data"]["channels"] == 3
+    assert report["data"]["spec"] == shared_cifar and report["data"]["n_val"] == 373
+    accuracy = report["prune"]["accuracy"]
+    assert accuracy["n"] == 373 and accuracy["before"] > 0.9 and accuracy["recalibrated"] > accuracy["raw"] + 0.2
+    assert any(w.startswith("pruned model before BatchNorm recalibration") for w in report["warnings"])
+    assert not any("after BatchNorm recalibration" in w for w in report["warnings"])
     again = load_checkpoint(out / "pruned.pt")
     assert again.normalization is not None and again.normalization.mean == (0.485, 0.456, 0.406)
+
+
+def test_no_data_skips_recalibration_and_refuses_data_stages(shared_checkpoint: Path, tmp_path: Path,
+                                                             quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, stdout, stderr = run([str(shared_checkpoint), "--batch", "--stages", "prune", "--config", str(quick_config),
+                                "--out", str(out)], capsys)
+    assert code == 0, stderr
+    assert "accuracy after pruning" in stdout and "not measured (no data)" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] is None and report["prune"]["accuracy"] is None and report["prune"]["recalibration"] is None
+    assert report["prune"]["equivalence_input"].startswith("random images")
+    assert any("pass --data" in w for w in report["warnings"])
+    for stages in ("prune,evaluate", "finetune"):
+        code, _, stderr = run([str(shared_checkpoint), "--batch", "--stages", stages, "--normalize", "imagenet",
+                               "--out", str(tmp_path / stages)], capsys)
+        assert code == 2 and stderr.startswith("error: ") and "--data" in stderr and len(stderr.strip().splitlines()) == 1
+        assert not (tmp_path / stages).exists()
+
+
+def test_sample_data_mismatch_is_refused(shared_cifar: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run(["--batch", "--stages", "prune", "--data", shared_cifar, "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "3 channels but the model takes 1" in stderr and not (tmp_path / "x").exists()
 
 
 def test_reopen_pruned_model_in_batch(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,6 +226,8 @@ def test_reopen_pruned_model_in_batch(tmp_path: Path, quick_config: Path, capsys
     report = json.loads(stdout)
     assert report["model"]["params"] < 200_000  # the pruned model, not the dense one
     assert "baseline" not in report["evaluate"]
+    assert (report["data"]["spec"], report["data"]["source"]) == ("digits", "recorded in the checkpoint")
+    assert RunConfig.load(tmp_path / "second" / "config.toml").data.spec == "digits"
 
 
 def _bad_checkpoint_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -201,9 +276,10 @@ def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, capsys:
     assert not out.exists()
 
 
-def test_missing_normalisation_and_snapshots(shared_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_normalisation_and_snapshots(shared_checkpoint: Path, shared_cifar: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    code, _, stderr = run([str(shared_checkpoint), "--batch", "--out", str(out)], capsys)
+    code, _, stderr = run([str(shared_checkpoint), "--batch", "--data", shared_cifar, "--out", str(out)], capsys)
     assert code == 2 and "normalisation" in stderr and not out.exists()
     code, _, stderr = run([str(shared_checkpoint), "--batch", "--method", "tmi-gkp", "--stages", "prune",
                            "--out", str(out)], capsys)
@@ -211,6 +287,12 @@ def test_missing_normalisation_and_snapshots(shared_checkpoint: Path, tmp_path: 
     code, _, stderr = run(["--batch", "--method", "tmi-gkp", "--stages", "prune", "--snapshots",
                            str(tmp_path), "--out", str(out)], capsys)
     assert code == 2 and "snapshot" in stderr and not out.exists()
+    # In-train pruning trains inside the prune stage: it needs data and the normalisation too.
+    itp = [str(shared_checkpoint), "--batch", "--method", "itp", "--stages", "prune", "--out", str(out)]
+    code, _, stderr = run(itp, capsys)
+    assert code == 2 and "in-train pruning needs data" in stderr and not out.exists()
+    code, _, stderr = run([*itp, "--data", shared_cifar], capsys)
+    assert code == 2 and "normalisation" in stderr and not out.exists()
 
 
 def test_existing_output_needs_force(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:

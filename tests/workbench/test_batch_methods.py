@@ -67,6 +67,9 @@ def test_itp_end_to_end(small_data: None, quick: Path, tmp_path: Path, capsys: p
     assert prune["macs_after"] == prune["macs_deployed"]  # grouped-kernel masks deploy as grouped convs
     assert prune["itp"]["target_met"] and prune["equivalence_max_abs_err"] < 1e-4
     assert [r["epoch"] for r in prune["itp"]["training"]["history"]] == [1, 2]
+    # The trained, masked model is recalibrated and measured like any pruned model.
+    assert prune["accuracy"]["recalibrated"] is not None and prune["recalibration"]["layers"] == 19
+    assert set(prune["step_seconds"]) == {"plan", "recalibrate", "rebuild", "check", "latency"}
     assert (out / "prune" / "last.pt").is_file()
     reopened = load_checkpoint(out / "pruned.pt")
     assert PrunePlan.from_dict(reopened.plan).to_json() == PrunePlan.load(out / "plan.json").to_json()
@@ -81,7 +84,8 @@ def test_kernel_masks_and_l1_filters_reopen(small_data: None, quick: Path, tmp_p
     code, report, err = run(["--batch", "--method", "itp", "--granularity", "kernel", "--itp-epochs", "1",
                              "--stages", "prune", "--config", str(quick), "--out", str(out), "--json"], capsys)
     assert code == 0, err
-    assert report["prune"]["macs_after"] < report["prune"]["macs_deployed"]  # zeroed weights are still computed
+    kernel = report["prune"]
+    assert kernel["macs_after"] < kernel["macs_deployed"]  # zeroed weights are still computed
     plan = PrunePlan.load(out / "plan.json")
     assert plan.version == 2 and len(plan.masks) == 18 and not plan.layers
     code, again, err = run([str(out / "pruned.pt"), "--batch", "--stages", "evaluate", "--config", str(quick),
@@ -94,6 +98,9 @@ def test_kernel_masks_and_l1_filters_reopen(small_data: None, quick: Path, tmp_p
     prune = report["prune"]
     assert prune["method"] == "l1-filter" and abs(prune["macs_after"] / prune["target_macs"] - 1) <= 0.01
     assert prune["params_after"] < 0.7 * report["model"]["params"]  # filters removed physically
+    # Narrowed BatchNorm layers get the recalibrated statistics of their kept channels.
+    assert prune["accuracy"]["recalibrated"] is not None and prune["equivalence_max_abs_err"] < 1e-4
+    assert kernel["accuracy"]["before"] == prune["accuracy"]["before"]  # both against the model as opened
     reopened = load_checkpoint(out / "pruned.pt")
     assert sum(p.numel() for p in reopened.model.parameters()) == prune["params_after"]
 

@@ -47,7 +47,8 @@ def _progress(_: Progress) -> None:
 
 def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path, watched) -> None:
     config = build_config(None, {
-        "model.checkpoint": str(checkpoint), "run.device": "cpu", "finetune.device": "cpu", "data.image_size": 16,
+        "model.checkpoint": str(checkpoint), "data.spec": "digits", "run.device": "cpu", "finetune.device": "cpu",
+        "data.image_size": 16, "prune.recalibrate_images": 64,
         "evaluate.max_examples": 8, "evaluate.frequency": False, "evaluate.corruption": False,
         "evaluate.attacks": ["fgsm:eps=0.01"], "deploy.form": "grouped",
     })

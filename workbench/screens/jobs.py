@@ -22,6 +22,7 @@ from textual.widgets import (
     Label,
     ProgressBar,
     Select,
+    Static,
     TabbedContent,
     TabPane,
 )
@@ -35,7 +36,7 @@ from ..jobs import CANCELLED, DONE, FAILED, RUNNING
 from ..prune_form import FormField, parse_field
 
 if TYPE_CHECKING:
-    from engine.pipeline import Evaluation
+    from engine.pipeline import Evaluation, PruneOutcome
     from engine.training.finetune import EpochRecord
 
     from ..app import WorkbenchApp
@@ -62,6 +63,22 @@ def accuracy_rows(evaluations: dict[str, "Evaluation"]) -> tuple[list[str], dict
     for label, values in models.items():
         values.extend([float("nan")] * (len(categories) - len(values)))
     return categories, models
+
+
+def result_notes(outcome: "PruneOutcome | None", evaluations: dict[str, "Evaluation"]) -> Text:
+    """The pruned model's validation accuracy before and after BatchNorm recalibration, then every
+    warning about the numbers shown (collapsed models, skipped steps, failed attack checks)."""
+    text = Text()
+    accuracy = None if outcome is None else outcome.accuracy
+    if accuracy is not None:
+        recalibrated = "" if accuracy.recalibrated is None else f", BN-recalibrated {accuracy.recalibrated:.1%}"
+        text.append(f"pruned model, validation accuracy (n={accuracy.n}): unpruned {accuracy.before:.1%}, "
+                    f"raw {accuracy.raw:.1%}{recalibrated}")
+    warnings = [] if outcome is None else list(outcome.warnings)
+    warnings += [w for evaluation in evaluations.values() for w in evaluation.warnings]
+    for warning in dict.fromkeys(warnings):
+        text.append(("\n" if text else "") + f"⚠ {warning}", style="bold yellow")
+    return text
 
 
 class JobsScreen(Screen[None]):
@@ -100,6 +117,7 @@ class JobsScreen(Screen[None]):
         table.add_columns("#", "job", "status", "progress", "time", "detail")
         yield table
         yield ProgressBar(id="job-progress", show_eta=False)
+        yield Static(id="job-notes")
         with TabbedContent(id="job-tabs"):
             with TabPane("Training", id="tab-training"):
                 with Horizontal(classes="plots"):
@@ -197,6 +215,9 @@ class JobsScreen(Screen[None]):
 
     def refresh_results(self, _revision: int = 0) -> None:
         evaluations = self.app.session.evaluations
+        notes = result_notes(self.app.session.outcome, dict(evaluations))
+        self.query_one("#job-notes", Static).update(notes)
+        self.query_one("#job-notes", Static).display = bool(notes)
         categories, models = accuracy_rows(dict(evaluations))
         table = self.query_one("#attack-table", DataTable)
         table.clear(columns=True)

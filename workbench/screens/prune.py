@@ -31,6 +31,7 @@ from ..prune_form import DEFAULT_CHOICE, FIELDS, FormField, apply_form, field_te
 
 if TYPE_CHECKING:
     from engine.config import RunConfig
+    from engine.models.latency import RoundTimes
 
     from ..app import WorkbenchApp
 
@@ -39,6 +40,11 @@ EQUIVALENCE_TOLERANCE = 1e-4  # max |Δ| between the deployed and the masked den
 
 def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "—"
+
+
+def _timing(times: "RoundTimes") -> str:
+    """Median ms with the interquartile range of the round medians."""
+    return f"{times.median_ms:.3g} ({times.q1_ms:.3g}–{times.q3_ms:.3g})"
 
 
 class PruneScreen(Screen[None]):
@@ -175,22 +181,35 @@ class PruneScreen(Screen[None]):
             return
         before, after = outcome.cost_before, outcome.cost_after
         table.add_row("params", human_count(before.params), human_count(after.params), _change(before.params, after.params))
-        table.add_row("MACs", human_count(before.macs), human_count(after.macs), _change(before.macs, after.macs))
-        latency = outcome.latency_ms
-        if "original" in latency and "pruned" in latency:
-            table.add_row(
-                f"latency ms (batch {outcome.latency_batch})", f"{latency['original']:.3g}",
-                f"{latency['pruned']:.3g}", _change(latency["original"], latency["pruned"]),
-            )
+        macs = after.macs if outcome.effective_macs is None else outcome.effective_macs  # of kept weights
+        table.add_row("MACs", human_count(before.macs), human_count(macs), _change(before.macs, macs))
+        original, pruned = outcome.latency["original"], outcome.latency["pruned"]
+        verdict = outcome.latency_verdict
+        table.add_row(
+            f"latency ms (batch {outcome.latency_batch})", _timing(original), _timing(pruned),
+            verdict if verdict == "within noise" else _change(original.median_ms, pruned.median_ms),
+        )
+        accuracy = outcome.accuracy
+        if accuracy is not None:
+            table.add_row(f"val acc, raw (n={accuracy.n})", f"{accuracy.before:.1%}", f"{accuracy.raw:.1%}",
+                          f"{100 * (accuracy.raw - accuracy.before):+.1f} pt")
+            if accuracy.recalibrated is not None:
+                table.add_row("val acc, BN recalibrated", f"{accuracy.before:.1%}", f"{accuracy.recalibrated:.1%}",
+                              f"{100 * (accuracy.recalibrated - accuracy.before):+.1f} pt")
         plan = outcome.plan
         error = outcome.equivalence_max_abs_err
         ok = error <= EQUIVALENCE_TOLERANCE
         counts = outcome.deploy.get("counts", {})
+        layers = outcome.deploy.get("layers", {})
+        grouped = [name for name, layer in layers.items() if layer["form"] == "grouped"]
+        forms = f" — grouped: {', '.join(grouped)}" if grouped and len(grouped) < len(layers) else ""
         checks.update(Text.assemble(
             ("✓ " if ok else "✗ ", "bold green" if ok else "bold red"),
-            f"equivalence: max |Δ| {error:.2e} vs the masked dense model\n",
-            f"{plan.method}: {len(plan.layers)} convs pruned, {len(plan.skipped)} skipped, "
+            f"equivalence: max |Δ| {error:.2e} vs the masked dense model on {outcome.equivalence_input}\n",
+            f"{plan.method}: {plan.pruned_count} convs pruned, {len(plan.skipped)} skipped, "
             f"planned in {outcome.seconds:.2f} s\n",
             f"deployed ({outcome.deploy.get('form')}): {counts.get('grouped', 0)} grouped, "
-            f"{counts.get('dense', 0)} dense (dense keeps the zeros)",
+            f"{counts.get('dense', 0)} dense (dense keeps the zeros){forms}; latency {verdict} "
+            f"over {original.rounds} interleaved rounds",
+            *((f"\n⚠ {warning}", "bold yellow") for warning in outcome.warnings),
         ))
