@@ -324,9 +324,10 @@ class PruneOutcome:
     @property
     def latency_verdict(self) -> str:
         """faster, slower or within noise (the pruned model against the original); always within
-        noise when no pruned layer is deployed grouped, since the deployed model then runs the
-        original's convolutions with zeros in place of the pruned kernels."""
-        if not self.deploy.get("counts", {}).get("grouped"):
+        noise when no pruned layer is deployed grouped and no filter was removed, since the
+        deployed model then runs the original's convolutions with zeros in place of the pruned
+        weights."""
+        if not self.deploy.get("counts", {}).get("grouped") and not self.plan.filters:
             return "within noise"
         return latency_verdict(self.latency["original"], self.latency["pruned"])
 

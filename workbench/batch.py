@@ -303,7 +303,7 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.extend(_accuracy_rows(prune))
     deploy = report.get("deploy")
     if deploy:
-        rows.extend(_latency_rows(deploy))
+        rows.extend(_latency_rows(deploy, narrowed=bool(prune) and prune["method"] == "l1-filter"))
     finetune = report.get("finetune")
     if finetune:
         epochs = finetune["epochs"]
@@ -348,9 +348,10 @@ def _accuracy_rows(prune: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
+def _latency_rows(deploy: dict[str, Any], *, narrowed: bool = False) -> list[tuple[str, str]]:
     """Median latency with its interquartile range over interleaved rounds, the verdict, and
-    how the pruned layers were deployed."""
+    how the pruned layers were deployed (`narrowed`: filters were removed, so dense layers are
+    smaller convs, not the original ones with zeros)."""
     latency = deploy["latency"]
     before, after = latency["original"], latency["pruned"]
 
@@ -366,6 +367,8 @@ def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
     forms = f"{counts.get('grouped', 0)} grouped, {counts.get('dense', 0)} dense"
     if grouped and len(grouped) < len(layers):
         forms += f" (grouped: {', '.join(grouped)})"
+    elif narrowed:
+        forms += " (dense: narrower convs, filters removed)"
     elif not grouped:
         forms += " (the original computation with zeros: any latency change is noise)"
     return [

@@ -203,13 +203,14 @@ class PruneScreen(Screen[None]):
         layers = outcome.deploy.get("layers", {})
         grouped = [name for name, layer in layers.items() if layer["form"] == "grouped"]
         forms = f" — grouped: {', '.join(grouped)}" if grouped and len(grouped) < len(layers) else ""
+        dense_note = "narrower convs: filters removed" if plan.filters else "dense keeps the zeros"
         checks.update(Text.assemble(
             ("✓ " if ok else "✗ ", "bold green" if ok else "bold red"),
             f"equivalence: max |Δ| {error:.2e} vs the masked dense model on {outcome.equivalence_input}\n",
             f"{plan.method}: {plan.pruned_count} convs pruned, {len(plan.skipped)} skipped, "
             f"planned in {outcome.seconds:.2f} s\n",
             f"deployed ({outcome.deploy.get('form')}): {counts.get('grouped', 0)} grouped, "
-            f"{counts.get('dense', 0)} dense (dense keeps the zeros){forms}; latency {verdict} "
+            f"{counts.get('dense', 0)} dense ({dense_note}){forms}; latency {verdict} "
             f"over {original.rounds} interleaved rounds",
             *((f"\n⚠ {warning}", "bold yellow") for warning in outcome.warnings),
         ))
