@@ -1,7 +1,7 @@
 """`python -m bench` (what `make bench` runs): every benchmark in a fixed order, each printing its
 table and writing JSON under bench/results/ (git-ignored), then a summary of what ran and how long.
 
-    python -m bench [--quick | --full] [--steps prune,deploy,attacks,finetune,tui,study] [--docs]
+    python -m bench [--quick | --full] [--steps prune,deploy,attacks,finetune,tui,methods,study] [--docs]
 
 Order and what --quick (default; 11-14 min measured on 2 shared cores, plus ~8 min since the
 prune step was rewritten) and --full run:
@@ -21,8 +21,15 @@ prune step was rewritten) and --full run:
             a plain PyTorch loop on a pruned ResNet-20, interleaved, CPU and GPU when present. Full
             uses 5 rounds and 5x the CPU images.
 5. tui      interactive responsiveness (bench/tui_responsiveness.py), when that script exists.
-6. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
+6. methods  training throughput of standard, fastat, asam, AdaSAP warmup and in-train pruning
+            epochs on the sample, interleaved (bench/method_throughput.py): quick 5 rounds of
+            512 images, full 10 rounds.
+7. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
             5 seeds x 20 epochs.
+
+Not in the default set (about two hours on 2 cores): `--steps study-methods`, the study's rows
+for in-train pruning and AdaSAP on the sample and the shared CIFAR-10 subset
+(bench/study_methods.py, 3 seeds).
 
 A failing step is reported and the others still run; the exit code is 1 if any failed. `--docs`
 also rewrites the generated sections of docs/BENCH.md and docs/STUDY.md. bench/results/bench.json
@@ -44,12 +51,21 @@ import torch
 
 from engine.common.fileio import write_json_atomic
 
-from . import attack_throughput, deploy_latency, finetune_throughput, prune_speed, study
+from . import (
+    attack_throughput,
+    deploy_latency,
+    finetune_throughput,
+    method_throughput,
+    prune_speed,
+    study,
+    study_methods,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 BENCH_DOC = HERE.parent / "docs" / "BENCH.md"
-STEPS = ("prune", "deploy", "attacks", "finetune", "tui", "study")
+STEPS = ("prune", "deploy", "attacks", "finetune", "tui", "methods", "study", "study-methods")
+DEFAULT_STEPS = tuple(s for s in STEPS if s != "study-methods")
 
 
 def deploy_json(device: str) -> Path:
@@ -93,9 +109,17 @@ def step_study(full: bool, docs: bool) -> dict[str, Any]:
     return study.main((["--full"] if full else []) + (["--docs"] if docs else []))
 
 
+def step_methods(full: bool, docs: bool) -> dict[str, Any]:
+    return method_throughput.main(["--rounds", "10" if full else "5"])
+
+
+def step_study_methods(full: bool, docs: bool) -> dict[str, Any]:
+    return study_methods.main((["--seeds", "5"] if full else []) + (["--docs"] if docs else []))
+
+
 RUNNERS: dict[str, Callable[[bool, bool], dict[str, Any]]] = {
     "prune": step_prune, "deploy": step_deploy, "attacks": step_attacks, "finetune": step_finetune,
-    "tui": step_tui, "study": step_study,
+    "tui": step_tui, "methods": step_methods, "study": step_study, "study-methods": step_study_methods,
 }
 
 
@@ -158,11 +182,12 @@ def render_bench(summary: dict[str, Any]) -> str:
                 *((f"Deployed latency ({d})", data.get("deploy", {}).get(d), render_deploy) for d in ("cpu", "cuda")),
                 ("Attack-evaluation throughput", data.get("attacks"), render_attacks),
                 ("Fine-tune throughput", data.get("finetune"), render_finetune),
+                ("Training throughput of the methods (sample, interleaved)", data.get("methods"), method_throughput.render),
                 ("TUI responsiveness", data.get("tui"), render_tui)]
     for title, result, render in sections:
         if result is not None:
             parts += ["", f"### {title}", "", render(result)]
-    if "study" in data:
+    if "study" in data or "study-methods" in data:
         parts += ["", "### Comparison study", "", "See [STUDY.md](STUDY.md)."]
     return "\n".join(parts)
 
@@ -187,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: the quick variant of every step")
     mode.add_argument("--full", action="store_true", help="the complete grid of every step (much longer; not timed on 2 cores)")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"which steps, comma-separated (default all: {','.join(STEPS)})")
+    parser.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                        help=f"which steps, comma-separated, of {','.join(STEPS)} (default: all but study-methods)")
     parser.add_argument("--docs", action="store_true", help="rewrite the generated sections of docs/BENCH.md and docs/STUDY.md")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]

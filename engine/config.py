@@ -12,15 +12,18 @@ from typing import Any
 
 import tomli_w
 
+from .adasap.adasap_config import SharpnessConfig, WarmupConfig
 from .common.checks import MAX_SEED, flag, one_of, texts, utf8, whole, wholes, within
 from .common.devices import check_device
 from .common.errors import ConfigError
 from .common.fileio import write_text_atomic
 from .gkp.prune_config import PruneConfig
+from .itp.itp_config import ItpConfig
 from .robustness.attack_spec import DEFAULT_ATTACKS, EPS_SPACES, AttackSpec
 from .training.finetune_config import FinetuneConfig
 
-STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
+STAGES: tuple[str, ...] = ("warmup", "prune", "finetune", "evaluate")
+DEFAULT_STAGES: tuple[str, ...] = ("prune", "finetune", "evaluate")
 DEPLOY_FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
 MAX_IMAGE_SIZE = 1024
 MAX_LATENCY_BATCH = 1024
@@ -95,7 +98,7 @@ class EvaluateSection:
 class RunSection:
     """Which stages run, on which device, with which seed (also the prune and fine-tune seed)."""
 
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     device: str = "auto"
     seed: int = 0
 
@@ -118,9 +121,12 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    itp: ItpConfig = field(default_factory=ItpConfig)
     deploy: DeploySection = field(default_factory=DeploySection)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def validate(self) -> None:
@@ -133,6 +139,21 @@ class RunConfig:
             if validate is not None:
                 validate()
         check_one_device(self.run.device, self.finetune.device)
+
+    @property
+    def adasap(self) -> bool:
+        """Whether this is an AdaSAP run (it has a warmup stage)."""
+        return "warmup" in self.run.stages
+
+    def finetune_settings(self) -> FinetuneConfig:
+        """The fine-tune stage's settings: `[finetune]`, except that an AdaSAP run's robustness
+        phase (SPEC §9, `warmup.robust_finetune`) is ASAM at `warmup.robust_rho`."""
+        if self.adasap and self.warmup.robust_finetune:
+            return dataclasses.replace(self.finetune, mode="asam", sam_rho=self.warmup.robust_rho)
+        return self.finetune
+
+    def measures_sharpness(self) -> bool:
+        return self.sharpness.when == "always" or (self.sharpness.when == "adasap" and self.adasap)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}

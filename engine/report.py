@@ -64,7 +64,7 @@ def build_report(ws: "Workspace", results: dict[str, Any], completed: list[str])
         "data": data_section(ws),
         "environment": environment(ws.device, ws.config.run.seed),
     }
-    for stage in ("prune", "deploy", "finetune", "evaluate"):
+    for stage in ("warmup", "prune", "deploy", "finetune", "sharpness", "evaluate"):
         if stage in results:
             report[stage] = results[stage]
     report["warnings"] = collected_warnings(results)

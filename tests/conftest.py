@@ -48,6 +48,36 @@ def shared_checkpoint() -> Path:
     return SHARED_CHECKPOINT
 
 
+@pytest.fixture(scope="session")
+def small_digits():
+    """The digits dataset with 96 training and 32 validation images: training tests in seconds."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    from engine.data.datasets import load_data
+
+    bundle = load_data("digits")
+    return dataclasses.replace(bundle, train=Subset(bundle.train, range(96)), val=Subset(bundle.val, range(32)))
+
+
+@pytest.fixture
+def tiny_cnn():
+    """A factory of small seeded CNNs for digits: a stem, two prunable 3x3 convs (8→16, 16→16)
+    with BatchNorm and ReLU, and a linear head."""
+    from torch import nn
+
+    def make(seed: int = 1) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+        )
+
+    return make
+
+
 @pytest.fixture
 def shared_cifar() -> str:
     """`--data` spec of the real CIFAR-10 images in ../shared (a slice of the training set);

@@ -18,6 +18,7 @@ ENGINE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("gkp", "data"),
     ("baselines", "formats", "robustness"),
     ("training",),
+    ("itp", "adasap"),
     ("config",),
     ("pipeline", "report"),
 )

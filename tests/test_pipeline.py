@@ -3,10 +3,12 @@ guess), and data that cannot belong to the model refused in words."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import pipeline
@@ -50,6 +52,28 @@ def test_sample_fills_in_its_own_data_and_nothing_else_does(tmp_path: Path) -> N
     chosen = sample_config(**{"data.spec": "imagefolder:/x"})
     use_sample_when_unset(chosen)
     assert chosen.data.spec == "imagefolder:/x"
+
+
+def test_a_model_trained_to_prune_is_measured_against_the_model_as_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Methods that train to prune hand `prune` other weights than the opened model's: the
+    accuracy before pruning is still the opened model's, and the model handed in is left as it
+    was. Removed filters make narrower convs, so their latency verdict is measured, not assumed."""
+    config = sample_config(**{"prune.recalibrate_images": 64, "data.spec": "digits"})
+    config.prune.method, config.prune.grouping, config.prune.selection = "l1-filter", None, None
+    ws = pipeline.open_workspace(config)
+    changed = copy.deepcopy(ws.model)
+    with torch.no_grad():
+        for module in changed.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(-1.0)  # a different, much worse model
+    weights = {k: v.clone() for k, v in changed.state_dict().items()}
+    slow = {"original": RoundTimes((1.0, 1.1, 0.9, 1.0), 0.9, 10), "pruned": RoundTimes((2.0, 2.2, 1.8, 2.0), 1.8, 10)}
+    monkeypatch.setattr(pipeline, "interleaved_latency", lambda *args, **kwargs: slow)
+    outcome = pipeline.prune(ws, model=changed)
+    assert outcome.deploy["counts"] == {"grouped": 0, "dense": 9} and outcome.latency_verdict == "slower"
+    assert outcome.accuracy is not None and outcome.accuracy.before > 0.95 > outcome.accuracy.raw + 0.3
+    assert outcome.equivalence_max_abs_err < 1e-4 and outcome.accuracy.recalibrated is not None
+    assert all(torch.equal(weights[k], v) for k, v in changed.state_dict().items())
 
 
 def test_recalibration_off_measures_raw_accuracy_only() -> None:

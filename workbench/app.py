@@ -50,7 +50,15 @@ from .screens.normalization import NormalizationScreen
 from .screens.open import OpenScreen
 from .screens.overview import OverviewScreen
 from .screens.prune import PruneScreen
-from .session import COMPLETE, FINETUNED, PARTIAL, PRUNED_MODEL, Session, saved_files
+from .session import (
+    COMPLETE,
+    FINETUNED,
+    PARTIAL,
+    PRUNED_MODEL,
+    WARMED,
+    Session,
+    saved_files,
+)
 
 if TYPE_CHECKING:
     from . import tasks
@@ -91,7 +99,7 @@ class WorkbenchApp(App[int]):
         self.jobs: list[Job] = []
         self._finishers: dict[str, Callable[[Job, Any], None]] = {
             "open": self._data_loaded, "data": self._data_loaded, "prune": self._pruned, "save": self._saved,
-            "finetune": self._finetuned, "evaluate": self._evaluated,
+            "finetune": self._finetuned, "evaluate": self._evaluated, "warmup": self._warmed,
         }
 
     # ---- lifecycle and state ------------------------------------------------------------
@@ -201,7 +209,7 @@ class WorkbenchApp(App[int]):
         job = self._job(message.job_id)
         job.progress = message.progress
         metrics = message.progress.metrics
-        if job.kind == "finetune":
+        if job.kind in ("finetune", "warmup"):
             if "loss" in metrics and metrics.get("steps"):
                 x = metrics["epoch"] - 1 + metrics["step"] / metrics["steps"]
                 self.session.loss_curve.append((x, float(metrics["loss"])))
@@ -324,25 +332,64 @@ class WorkbenchApp(App[int]):
             self.notify(self.session.open_error or "The model is still opening.", severity="warning")
         return ws
 
+    def _adasap_config(self, config: RunConfig) -> RunConfig:
+        """`config` as an AdaSAP run (a warmup stage first) once this session has warmed up, so
+        pruning is progressive and fine-tuning is AdaSAP's robustness phase."""
+        if self.session.warmed is None or config.adasap:
+            return config
+        config = copy.deepcopy(config)
+        config.run.stages = ["warmup", *config.run.stages]
+        return config
+
     def start_prune(self, config: RunConfig) -> None:
         ws = self._workspace_or_notify()
-        if ws is None:
+        if ws is None or (config.prune.method == "itp" and not self._with_normalization(
+                "in-train pruning", partial(self.start_prune, config))):
             return
         self.config = ws.config = config
         self.changed()
-        job_ws = dataclasses.replace(ws, config=config)
-        label = f"prune {config.prune.method} rate {config.prune.rate:g} groups {config.prune.groups}"
-        self.start_job("prune", label, "prune_model", job_ws)
+        job_ws = dataclasses.replace(ws, config=self._adasap_config(config))
+        method = config.prune.method + (f" {config.itp.granularity}" if config.prune.method == "itp" else "")
+        adasap = " after AdaSAP warmup" if self.session.warmed is not None else ""
+        label = f"prune {method} rate {config.prune.rate:g} groups {config.prune.groups}{adasap}"
+        self.start_job("prune", label, "prune_model", job_ws, self.session.warmed)
+
+    def start_warmup(self, epochs: int) -> None:
+        """AdaSAP's warmup of the opened model (SPEC §9) in the background."""
+        ws = self._workspace_or_notify()
+        if ws is None or not self._with_normalization("the AdaSAP warmup", partial(self.start_warmup, epochs)):
+            return
+        config = copy.deepcopy(self.config)
+        config.warmup.epochs = epochs
+        config.run.stages = ["warmup", "prune"]
+        try:
+            config.warmup.validate()
+        except ConfigError as exc:
+            self.notify(str(exc), title="Warmup", severity="error")
+            return
+        label = f"AdaSAP warmup ({epochs} epochs, ρ {config.warmup.rho_min:g}–{config.warmup.rho_max:g})"
+        if self.start_job("warmup", label, "warmup_model", dataclasses.replace(ws, config=config)) is not None:
+            self.session.loss_curve.clear()
+            self.session.epochs.clear()
+
+    def _warmed(self, job: Job, result: tasks.Warmed) -> None:
+        session = self.session
+        session.warmed, session.warmup_events = result.phase.model, result.events
+        session.evaluations.pop(WARMED, None)
+        self.notify(f"Warmed up {len(result.phase.training.history)} epoch(s); pruning now follows AdaSAP "
+                    "(progressive, then ASAM fine-tuning).", title="AdaSAP warmup")
+        self.changed()
 
     def _pruned(self, job: Job, result: tasks.Pruned) -> None:
         outcome = result.outcome
         session = self.session
-        session.outcome, session.events = outcome, result.events
+        session.outcome, session.events = outcome, [*session.warmup_events, *result.events]
         session.finetuned = session.finetune_result = None
         for label in (PRUNED_MODEL, FINETUNED):
             session.evaluations.pop(label, None)
             session.evaluation_status.pop(label, None)
         before, after = outcome.cost_before, outcome.cost_after
+        macs = after.macs if outcome.effective_macs is None else outcome.effective_macs  # of kept weights
         accuracy = outcome.accuracy
         measured = "" if accuracy is None else (
             f" Validation accuracy {accuracy.before:.1%} → {accuracy.raw:.1%} raw"
@@ -350,8 +397,8 @@ class WorkbenchApp(App[int]):
             + "."
         )
         self.notify(
-            f"{len(outcome.plan.layers)} convs pruned in {job.seconds:.1f} s; "
-            f"MACs {1 - after.macs / before.macs:.1%} fewer.{measured} "
+            f"{outcome.plan.pruned_count} convs pruned in {job.seconds:.1f} s; "
+            f"MACs {1 - macs / before.macs:.1%} fewer.{measured} "
             "Open a layer and press d to step through its decisions.",
             title="Pruned", severity="warning" if outcome.warnings else "information",
         )
@@ -424,6 +471,8 @@ class WorkbenchApp(App[int]):
         except ConfigError as exc:
             self.notify(str(exc), title="Fine-tune", severity="error")
             return
+        config = self._adasap_config(config)
+        mode = config.finetune_settings().mode
         session = self.session
         # Fine-tuning starts from the pruned model of this session, else the opened one.
         base_label, base = (
@@ -520,7 +569,7 @@ class WorkbenchApp(App[int]):
 
     def open_decisions(self, name: str) -> None:
         events = self.session.layer_events(name)
-        if not events:
+        if not any(event.layer == name for event in events):
             row = self.session.row(name)
             why = f" ({row.status_text})" if row is not None and row.reason else ""
             self.notify(f"No decision trace for {name}{why}: prune the model first (p, then ctrl+r).",
@@ -549,6 +598,7 @@ class WorkbenchApp(App[int]):
             PaletteCommand("Save pruned model", "write the model, plan and decision trace (ctrl+s)", on_screen("prune", "save")),
             PaletteCommand("Fine-tune", "fine-tune the pruned model in the background (f)", on_screen("jobs", "finetune")),
             PaletteCommand("Evaluate robustness", "clean and attacked accuracy of every model (e)", on_screen("jobs", "evaluate")),
+            PaletteCommand("AdaSAP warmup", "adaptive sharpness-aware warmup before pruning (w)", on_screen("jobs", "warmup")),
             PaletteCommand("Cancel jobs", "stop every running job (ctrl+g)", self.action_cancel_jobs),
             PaletteCommand("Help", "screens and key bindings (?)", self.action_help),
         ]

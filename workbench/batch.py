@@ -24,7 +24,7 @@ from engine.common.fileio import json_text, write_json_atomic
 from engine.common.progress import Progress, ProgressCallback, check_cancel
 from engine.config import RunConfig
 from engine.formats.checkpoints import load_checkpoint
-from engine.gkp.traces import TraceFile
+from engine.gkp.traces import TraceFile, read_jsonl, write_jsonl
 from engine.models.architectures import is_factory
 from engine.report import build_report
 from engine.training.finetune import STATE_FILE as FINETUNE_STATE
@@ -37,9 +37,11 @@ from .run_folder import RunFolder
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
 LOG_FILE = "log.txt"
+WARMUP_TRACE = "warmup.jsonl"
 # The report sections each stage adds to state.json's results.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prune": ("prune", "deploy"), "finetune": ("finetune",), "evaluate": ("evaluate",),
+    "warmup": ("warmup",), "prune": ("prune", "deploy", "sharpness"), "finetune": ("finetune", "sharpness"),
+    "evaluate": ("evaluate",),
 }
 log = logging.getLogger("gkp-workbench")
 
@@ -145,7 +147,7 @@ def run_batch(config: RunConfig, folder: RunFolder, *, resume: bool, progress: P
     ws = pipeline.open_workspace(config)
     try:
         if "prune" in config.run.stages and "prune" not in state["completed"]:
-            pipeline.check_prunable(ws)
+            pipeline.check_prune_input(ws)  # no eligible layer, unknown architecture, missing snapshots
             if pipeline.needs_snapshots(config):
                 pipeline.load_ticket_snapshots(ws).check()  # fail on bad snapshots before writing anything
         pipeline.check_evaluation_config(config)
@@ -164,11 +166,11 @@ def run_batch(config: RunConfig, folder: RunFolder, *, resume: bool, progress: P
         ws.ctx.close()
 
 
-def _finetune_files(config: RunConfig) -> list[str]:
-    """The files the fine-tune stage writes under `finetune/`: the resumable state and one best
+def _training_files(config: RunConfig, folder: str) -> list[str]:
+    """The files a training stage writes under `folder/`: the resumable state and one best
     model per tracked metric."""
     metrics = ["benign", *(spec.label for spec in config.finetune.attack_specs())]
-    return [f"finetune/{FINETUNE_STATE}", *(f"finetune/best_{metric_filename(m)}.pt" for m in metrics)]
+    return [f"{folder}/{FINETUNE_STATE}", *(f"{folder}/best_{metric_filename(m)}.pt" for m in metrics)]
 
 
 def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any], *, resume: bool,
@@ -201,32 +203,63 @@ def _run_stages(ws: pipeline.Workspace, folder: RunFolder, state: dict[str, Any]
     def about(subject: str) -> ProgressCallback | None:
         return None if progress is None else progress.about(subject)
 
+    sharpness: dict[str, Any] = dict(results.get("sharpness", {}))
+
+    def sharpen(when: str, measured: Any, on_event: Any = None) -> dict[str, Any]:
+        """The report's sharpness section, with `when` measured on `measured` if the run measures it."""
+        if config.measures_sharpness():
+            value = pipeline.measure_sharpness(ws, measured, when, cancel=cancel, on_event=on_event)
+            sharpness.update({when: value.value, f"loss_{when}": value.loss, "rho": value.rho,
+                              "steps": value.steps, "images": value.images})
+        return {"sharpness": dict(sharpness)} if sharpness else {}
+
+    if "warmup" in config.run.stages:
+        if "warmup" in state["completed"]:
+            model = load_checkpoint(out / "warmed.pt", arch=factory).model
+        else:
+            folder.claim(*_training_files(config, "warmup"), "warmed.pt", WARMUP_TRACE)
+            resumable = resume and (out / "warmup" / FINETUNE_STATE).is_file()
+            phase = pipeline.warmup(ws, out / "warmup", resume=resumable, progress=about("model"), cancel=cancel)
+            model = phase.model
+            if main:
+                write_jsonl(folder.file(WARMUP_TRACE), phase.events)
+            save("warmed.pt", "warmup")
+            finish("warmup", {"warmup": pipeline.warmup_section(ws, phase)})
     if "prune" in config.run.stages:
         if "prune" in state["completed"]:
             reopened = load_checkpoint(out / "pruned.pt", arch=factory)
             model, plan = reopened.model, pipeline.plan_of(reopened)
         else:
             folder.claim("decisions.jsonl", "plan.json", "pruned.pt")
+            if pipeline.trains_to_prune(config):
+                folder.claim(*_training_files(config, "prune"))
+            resumable = resume and (out / "prune" / FINETUNE_STATE).is_file()
             with TraceFile(out / "decisions.jsonl") if main else nullcontext() as writer:
                 on_event = writer.emit if writer is not None else None
-                outcome = pipeline.prune(ws, on_event=on_event, progress=about(ws.checkpoint.path.name), cancel=cancel)
+                if on_event is not None and (out / WARMUP_TRACE).is_file():
+                    for event in read_jsonl(out / WARMUP_TRACE):
+                        on_event(event)
+                sharpen("before_prune", model, on_event)
+                outcome = pipeline.prune(ws, model=model, out_dir=out / "prune", resume=resumable, on_event=on_event,
+                                         progress=about(ws.checkpoint.path.name), cancel=cancel)
+                sharp = sharpen("after_prune", outcome.model, on_event)
             model, plan = outcome.model, outcome.plan
             if main:
                 plan.save(out / "plan.json")
             save("pruned.pt", "prune")
-            finish("prune", pipeline.prune_sections(outcome))
+            finish("prune", {**pipeline.prune_sections(outcome), **sharp})
     if "finetune" in config.run.stages:
         if "finetune" in state["completed"]:
             model = load_checkpoint(out / "finetuned.pt", arch=factory).model
         else:
-            folder.claim(*_finetune_files(config), "finetuned.pt")
+            folder.claim(*_training_files(config, "finetune"), "finetuned.pt")
             resumable = resume and (out / "finetune" / FINETUNE_STATE).is_file()
             result = pipeline.finetune_model(ws, model, plan, out / "finetune", resume=resumable,
                                              progress=about(_model_label(plan, [])), cancel=cancel)
             if not result.completed:
                 raise Cancelled("fine-tuning interrupted")
             save("finetuned.pt", "finetune")
-            finish("finetune", {"finetune": pipeline.finetune_section(ws, result)})
+            finish("finetune", {"finetune": pipeline.finetune_section(ws, result), **sharpen("after_finetune", model)})
     if "evaluate" in config.run.stages and "evaluate" not in state["completed"]:
         label = _model_label(plan, state["completed"])
         evaluation = pipeline.evaluate(ws, model, label=label, progress=about(label), cancel=cancel).to_dict()
@@ -252,22 +285,35 @@ def summary_table(report: dict[str, Any]) -> str:
     model = report["model"]
     rows.append(("model", f"{model['arch']}"))
     rows.append(("params / MACs", f"{model['params']:,} / {model['macs']:,}"))
+    warm = report.get("warmup")
+    if warm:
+        rows.append(("warmup (AdaSAP)", f"{warm['epochs']} epochs, ρ {warm['rho_min']}–{warm['rho_max']} by "
+                     f"{warm['importance']}, {warm['seconds']:.1f} s"))
     prune = report.get("prune")
     if prune:
-        rows.append(("method", f"{prune['method']} rate {prune['rate']} groups {prune['groups']}"))
+        granularity = f" {prune['granularity']}" if prune.get("granularity") else ""
+        rows.append(("method", f"{prune['method']}{granularity} rate {prune['rate']} groups {prune['groups']}"))
         rows.append(("params after", f"{prune['params_after']:,} ({100 * prune['params_reduction']:.1f}% fewer)"))
         rows.append(("MACs after", f"{prune['macs_after']:,} ({100 * prune['macs_reduction']:.1f}% fewer)"))
+        if prune.get("target_macs"):
+            rows.append(("MAC target", f"{prune['target_macs']:,} ({100 * (prune['macs_after'] / prune['target_macs'] - 1):+.2f}%)"))
         rows.append(("layers pruned / skipped", f"{len(prune['layers'])} / {len(prune['layers_skipped'])}"))
         rows.append(("prune time", f"{prune['seconds']:.2f} s"))
         rows.append(("equivalence max |err|", f"{prune['equivalence_max_abs_err']:.2e}"))
         rows.extend(_accuracy_rows(prune))
     deploy = report.get("deploy")
     if deploy:
-        rows.extend(_latency_rows(deploy))
+        rows.extend(_latency_rows(deploy, narrowed=bool(prune) and prune["method"] == "l1-filter"))
     finetune = report.get("finetune")
     if finetune:
         epochs = finetune["epochs"]
-        rows.append(("fine-tune", f"{epochs} epoch{'s' if epochs != 1 else ''}, {finetune['mode']}, {finetune['seconds']:.1f} s"))
+        rho = "" if finetune.get("rho") is None else f" ρ {finetune['rho']:g} ({finetune['sam_partition']})"
+        rows.append(("fine-tune", f"{epochs} epoch{'s' if epochs != 1 else ''}, {finetune['mode']}{rho}, {finetune['seconds']:.1f} s"))
+    sharp = report.get("sharpness")
+    if sharp:
+        points = [f"{when.replace('_', ' ')} {sharp[when]:.4f}" for when in ("before_prune", "after_prune", "after_finetune")
+                  if when in sharp]
+        rows.append((f"sharpness (ρ {sharp['rho']:g})", ", ".join(points)))
     ev = report.get("evaluate")
     if ev:
         base = ev.get("baseline")
@@ -279,7 +325,7 @@ def summary_table(report: dict[str, Any]) -> str:
             rows.append((label, cell(acc, label)))
         if ev.get("corruption"):
             ratio = ev["corruption"]["robustness_ratio"]
-            rows.append(("corruption ratio", "n/a" if ratio is None else f"{ratio:.3f}"))
+            rows.append(("relative robustness R_C", "n/a" if ratio is None else f"{ratio:.3f}"))
         if ev.get("frequency"):
             parts = [f"θ={r['theta']:g}: {100 * r['low_acc']:.1f}/{100 * r['high_acc']:.1f}%" for r in ev["frequency"]["rows"]]
             rows.append(("low/high-pass accuracy", ", ".join(parts)))
@@ -302,9 +348,10 @@ def _accuracy_rows(prune: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
+def _latency_rows(deploy: dict[str, Any], *, narrowed: bool = False) -> list[tuple[str, str]]:
     """Median latency with its interquartile range over interleaved rounds, the verdict, and
-    how the pruned layers were deployed."""
+    how the pruned layers were deployed (`narrowed`: filters were removed, so dense layers are
+    smaller convs, not the original ones with zeros)."""
     latency = deploy["latency"]
     before, after = latency["original"], latency["pruned"]
 
@@ -320,6 +367,8 @@ def _latency_rows(deploy: dict[str, Any]) -> list[tuple[str, str]]:
     forms = f"{counts.get('grouped', 0)} grouped, {counts.get('dense', 0)} dense"
     if grouped and len(grouped) < len(layers):
         forms += f" (grouped: {', '.join(grouped)})"
+    elif narrowed:
+        forms += " (dense: narrower convs, filters removed)"
     elif not grouped:
         forms += " (the original computation with zeros: any latency change is noise)"
     return [

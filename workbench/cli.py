@@ -11,6 +11,7 @@ from typing import Any
 from engine.common.errors import WorkbenchError
 from engine.config import DEPLOY_FORMS, RunConfig
 from engine.gkp.prune_config import COMPAT_VALUES, METHODS
+from engine.itp.itp_config import GRANULARITIES
 from engine.training.finetune_config import MODES
 
 from .exit_codes import EXIT_BAD_INPUT
@@ -56,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted batch run in DIR (default: none, start a new run)")
     parser.add_argument("--json", action="store_true", help="print the report JSON on stdout instead of the summary")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr (batch mode)")
-    option("--stages", "run.stages", "comma-separated subset of prune,finetune,evaluate")
+    option("--stages", "run.stages", "comma-separated subset of warmup,prune,finetune,evaluate (warmup: AdaSAP)")
     option("--method", "prune.method", "pruning method", choices=list(METHODS))
+    option("--granularity", "itp.granularity", "in-train pruning (itp) mask granularity", choices=list(GRANULARITIES))
+    option("--itp-epochs", "itp.epochs", "in-train pruning (itp) training epochs", type=int)
+    option("--hw-weight", "itp.hw_weight", "in-train pruning (itp) hardware-loss weight b", type=float)
+    option("--warmup-epochs", "warmup.epochs", "AdaSAP warmup epochs (with --stages warmup,...)", type=int)
     parser.add_argument("--grouping", help="override stage-1 grouping for ablations: smoothness-snaking, tmi, random, "
                         "cluster:kpca|spectral|tsne-dbscan (default: the method's own)")
     parser.add_argument("--selection", help="override stage-2 selection for ablations: smooth-beam, greedy, l2, "
@@ -90,7 +95,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "arch": "model.arch", "data": "data.spec", "method": "prune.method", "grouping": "prune.grouping",
         "selection": "prune.selection", "rate": "prune.rate", "groups": "prune.groups",
         "compat": "prune.compat", "form": "deploy.form", "epochs": "finetune.epochs",
-        "mode": "finetune.mode", "max_examples": "evaluate.max_examples",
+        "mode": "finetune.mode", "max_examples": "evaluate.max_examples", "granularity": "itp.granularity",
+        "itp_epochs": "itp.epochs", "hw_weight": "itp.hw_weight", "warmup_epochs": "warmup.epochs",
     }
     out: dict[str, Any] = {key: getattr(args, flag) for flag, key in simple.items() if getattr(args, flag) is not None}
     if args.trust_pickle:

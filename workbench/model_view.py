@@ -70,8 +70,13 @@ def layer_rows(
     plan: PrunePlan | None,
     cost_after: ModelCost | None = None,
 ) -> list[LayerRow]:
-    """Table rows for every conv: pruned (in `plan`), will prune (eligible now) or skipped."""
+    """Table rows for every conv: pruned (in `plan`: a GKP layer, a zeroed-weight mask or removed
+    filters), will prune (eligible now) or skipped."""
     planned = {lp.name: lp for lp in plan.layers} if plan is not None else {}
+    others: dict[str, float] = {} if plan is None else {
+        **{m.name: m.pruned_share for m in plan.masks},
+        **{f.name: 1 - len(f.kept) / f.out_channels for f in plan.filters},
+    }
     skipped = {s.name: s.reason for s in plan.skipped} if plan is not None else {}
     rows: list[LayerRow] = []
     for layer in layers:
@@ -82,6 +87,8 @@ def layer_rows(
         if layer.name in planned:
             lp = planned[layer.name]
             status, reason, ratio, kept = PRUNED, None, lp.achieved_ratio, lp.kept
+        elif layer.name in others:
+            status, reason, ratio, kept = PRUNED, None, others[layer.name], None
         elif plan is not None:
             status, reason, ratio, kept = SKIPPED, skipped.get(layer.name, layer.reason or "not in the plan"), None, None
         elif layer.eligible:

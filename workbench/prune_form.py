@@ -10,6 +10,7 @@ from typing import Any
 from engine.common.errors import ConfigError
 from engine.config import DEPLOY_FORMS, RunConfig
 from engine.gkp.prune_config import COMPAT_VALUES, GROUPINGS, METHODS, SELECTIONS
+from engine.itp.itp_config import GRANULARITIES
 
 DEFAULT_CHOICE = ""  # a select's "use the method's own stage" entry
 
@@ -17,8 +18,8 @@ DEFAULT_CHOICE = ""  # a select's "use the method's own stage" entry
 @dataclass(frozen=True)
 class FormField:
     """One form row: the dotted config key, its label, and its kind: `choice` (from `options`,
-    `DEFAULT_CHOICE` meaning None when `optional`), `int`, `float`, `beta` ("auto" or a number),
-    `window` ("first,last") or `text`."""
+    `DEFAULT_CHOICE` meaning None when `optional`), `bool` (true/false), `int`, `float`, `beta`
+    ("auto" or a number), `window` ("first,last") or `text`."""
 
     key: str
     label: str
@@ -32,10 +33,16 @@ class FormField:
         return "field-" + self.key.replace(".", "-").replace("_", "-")
 
 
+BOOLEANS: tuple[str, ...] = ("true", "false")
+
 FIELDS: tuple[FormField, ...] = (
     FormField("prune.method", "Method", "choice", tuple(METHODS)),
     FormField("prune.rate", "Rate", "float"),
     FormField("prune.groups", "Groups", "int"),
+    FormField("itp.granularity", "ITP masks", "choice", GRANULARITIES),
+    FormField("itp.epochs", "ITP epochs", "int"),
+    FormField("itp.hw_weight", "ITP HW weight b", "float"),
+    FormField("itp.adversarial", "ITP FastAT", "bool", BOOLEANS),
     FormField("model.snapshots", "Snapshots", "text", placeholder="folder of epoch_N.pt (TMI-GKP)"),
     FormField("prune.grouping", "Grouping", "choice", GROUPINGS, optional=True),
     FormField("prune.selection", "Selection", "choice", SELECTIONS, optional=True),
@@ -64,6 +71,8 @@ def field_text(config: RunConfig, field: FormField) -> str:
         return DEFAULT_CHOICE
     if field.kind == "window":
         return f"{value[0]},{value[1]}"
+    if field.kind == "bool":
+        return "true" if value else "false"
     return str(value)
 
 
@@ -71,12 +80,12 @@ def parse_field(field: FormField, text: str) -> Any:
     """The typed value of a field's text; `ConfigError` naming the field when it cannot be read."""
     text = text.strip()
     try:
-        if field.kind == "choice":
+        if field.kind in ("choice", "bool"):
             if field.optional and text == DEFAULT_CHOICE:
                 return None
             if text not in field.options:
                 raise ValueError
-            return text
+            return text == "true" if field.kind == "bool" else text
         if field.kind == "int":
             return int(text)
         if field.kind == "float":
@@ -90,6 +99,7 @@ def parse_field(field: FormField, text: str) -> Any:
     except ValueError:
         expected = {
             "choice": "one of " + ", ".join(field.options),
+            "bool": "true or false",
             "int": "a whole number",
             "float": "a number",
             "beta": '"auto" or a number',

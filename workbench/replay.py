@@ -1,8 +1,10 @@
 """Replay of one layer's decision trace (engine.gkp.traces) as a sequence of steps a person can walk
 through: each step is one decision (a snaking deal, a clustering, a ticket's vote, a beam cut,
-a greedy addition, a restart table, a final choice) rendered as a plain `Frame` for the stepper
-widget. Sets are shown sorted with the new member marked, identical sets are flagged, ranks have
-a legend and every tie names the rule that broke it."""
+a greedy addition, a restart table, a final choice; an in-train pruning epoch of the layer's mask,
+its freeze; AdaSAP's radii, pruning steps and sharpness) rendered as a plain `Frame` for the
+stepper widget. Sets are shown sorted with the new member marked, identical sets are flagged,
+ranks have a legend and every tie names the rule that broke it; in-train pruning's steps carry a
+mask-evolution table: which entries turned off in which epoch."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ from engine.gkp.traces import (
     LayerDone,
     LayerSkipped,
     LayerStart,
+    MaskEpoch,
+    MaskFreeze,
+    MaskSetup,
+    ProgressivePrune,
     RandomGrouping,
     RankedSelection,
+    RhoEpoch,
+    SharpnessMeasured,
     SnakeDeal,
     StartResults,
     TmiTicket,
@@ -33,6 +41,9 @@ SNAKE_WINDOW = 6  # ranks shown either side of the one being dealt
 TOP_ROWS = 12  # rows of a restart or ranking table before "… more"
 MEMBERS_SHOWN = 10
 RANK_LEGEND = "R(·) = rank among candidates, 0 = best (highest cost, smoothest); equal values share a rank"
+MASK_ROWS = 64  # rows of the mask-evolution table
+EPOCH_MARKS = "123456789abcdefghijklmnopqrstuvwxyz"  # the epoch an entry turned off; "+" later
+FROZEN_MARK, ON_MARK = "*", "·"
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Step:
     decision: bool
     groups: Groups | None
     kept: Kept | None
+    table: StepTable | None = None
 
 
 def _fmt(value: float | None) -> str:
@@ -95,13 +107,65 @@ def greedy_winner(e: StartResults) -> int:
     return min(range(len(e.starts)), key=lambda i: (-e.scores[i], i))
 
 
+def _epoch_mark(epoch: int) -> str:
+    return EPOCH_MARKS[epoch - 1] if 1 <= epoch <= len(EPOCH_MARKS) else "+"
+
+
+class MaskHistory:
+    """When each entry of an in-train pruning mask turned off (the epoch, or the freeze), as the
+    replay goes; rendered as one text row per filter group, filter or (channel masks) one row."""
+
+    def __init__(self, setup: MaskSetup) -> None:
+        self.setup = setup
+        self.off: dict[int, str] = {}
+
+    def apply(self, turned_off: Sequence[int], turned_on: Sequence[int], mark: str) -> None:
+        for index in turned_off:
+            self.off[index] = mark
+        for index in turned_on:
+            self.off.pop(index, None)
+
+    @property
+    def per_cell(self) -> int:
+        """Mask entries per displayed cell (k×k for weight masks, whose cells are kernels)."""
+        shape = self.setup.mask_shape
+        return shape[2] * shape[3] if self.setup.granularity == "weight" else 1
+
+    def table(self, changed: set[int]) -> StepTable:
+        shape = self.setup.mask_shape
+        rows_n, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+        cell = self.per_cell
+        rows, marks = [], []
+        for r in range(min(rows_n, MASK_ROWS)):
+            chars = []
+            for c in range(cols):
+                start = (r * cols + c) * cell
+                marked = [self.off[i] for i in range(start, start + cell) if i in self.off]
+                if not marked:
+                    chars.append(ON_MARK)
+                elif cell == 1:
+                    chars.append(marked[0])
+                else:
+                    chars.append("#" if len(marked) == cell else str(min(9, 10 * len(marked) // cell)))
+            hit = any((r * cols + c) * cell + k in changed for c in range(cols) for k in range(cell))
+            label = {"grouped-kernel": f"G{r}", "channel": "in"}.get(self.setup.granularity, f"f{r}")
+            rows.append((label, "".join(chars)))
+            marks.append("current" if hit else "")
+        return StepTable(("row", "inputs: · on, 1-9a-z epoch turned off, * at freeze"), tuple(rows), tuple(marks))
+
+    def kept(self) -> Kept:
+        """Grouped-kernel masks: the input channels each group still keeps."""
+        groups, width = self.setup.mask_shape
+        return tuple(tuple(c for c in range(width) if g * width + c not in self.off) for g in range(groups))
+
+
 class LayerReplay:
     """The steps of one layer's trace and the state each leaves behind."""
 
     def __init__(self, events: Sequence[TraceEvent]) -> None:
         if not events:
             raise ValueError("a replay needs at least one trace event")
-        self.layer = events[0].layer
+        self.layer = next((e.layer for e in events if e.layer), events[0].layer)
         start = next((e for e in events if isinstance(e, LayerStart)), None)
         self.in_channels = start.in_channels if start else 0
         self.groups_count = start.groups if start else 0
@@ -111,7 +175,25 @@ class LayerReplay:
         self._clusterings: dict[str, Groups] = {}
         groups: Groups | None = None
         kept: Kept | None = (None,) * self.groups_count if self.groups_count else None
+        history: MaskHistory | None = None
         for event in events:
+            if isinstance(event, MaskSetup):
+                history = MaskHistory(event)
+                self.in_channels = event.mask_shape[0] if len(event.mask_shape) == 1 else event.mask_shape[1]
+                if event.filter_groups:
+                    groups = _sorted_groups(event.filter_groups)
+                    kept = history.kept()
+                self.steps.append(Step(event, 0, False, groups, kept, history.table(set())))
+                continue
+            if isinstance(event, (MaskEpoch, MaskFreeze)) and history is not None:
+                mark = FROZEN_MARK if isinstance(event, MaskFreeze) else _epoch_mark(event.epoch)
+                history.apply(event.turned_off, event.turned_on, mark)
+                if history.setup.filter_groups:
+                    kept = history.kept()
+                changed = set(event.turned_off) | set(event.turned_on)
+                self.steps.append(Step(event, 0, bool(changed) or isinstance(event, MaskFreeze), groups, kept,
+                                       history.table(changed)))
+                continue
             if isinstance(event, SnakeDeal):
                 dealt: list[list[int]] = [[] for _ in range(max(event.groups) + 1)]
                 for filt, group in zip(event.filters, event.groups):
@@ -138,8 +220,8 @@ class LayerReplay:
             elif isinstance(event, FinalChoice) and kept is not None and event.group < len(kept):
                 kept = kept[: event.group] + (tuple(sorted(event.kept)),) + kept[event.group + 1:]
             candidate = isinstance(event, Clustering) and not forced_clustering
-            decision = not (candidate or isinstance(event, (LayerStart, BeamFinal, TmiTicket)))
-            self.steps.append(Step(event, 0, decision, groups, kept))
+            decision = not (candidate or isinstance(event, (LayerStart, BeamFinal, TmiTicket, RhoEpoch)))
+            self.steps.append(Step(event, 0, decision, groups, kept, None if history is None else history.table(set())))
 
     @property
     def final_groups(self) -> Groups | None:
@@ -172,6 +254,7 @@ class LayerReplay:
         position = min(max(position, 0), len(self.steps) - 1)
         step = self.steps[position]
         stage, title, notes, table, groups, focus = self._describe(step)
+        table = step.table if step.table is not None else table
         return Frame(
             layer=self.layer, position=position, total=len(self.steps), stage=stage, title=title,
             notes=notes, table=table, groups=groups, kept=step.kept, in_channels=self.in_channels,
@@ -223,6 +306,23 @@ class LayerReplay:
                 "final choice", f"Group {e.group} keeps {len(e.kept)} grouped kernels: {_members(e.kept)}",
                 extra, None, step.groups, e.group,
             )
+        if isinstance(e, (MaskSetup, MaskEpoch, MaskFreeze)):
+            return self._mask(e, step.groups)
+        if isinstance(e, RhoEpoch):
+            return self._rho(e)
+        if isinstance(e, SharpnessMeasured):
+            return (
+                "sharpness", f"Sharpness {e.when.replace('_', ' ')}: {_fmt(e.value)}",
+                (f"max L(w+ε) − L(w) over ‖ε‖₂ ≤ {_fmt(e.rho)} by {e.steps} ascent steps on {e.images} training "
+                 f"images; L(w) = {_fmt(e.loss)}",), None, step.groups, None,
+            )
+        if isinstance(e, ProgressivePrune):
+            return (
+                "AdaSAP pruning",
+                f"Step {e.step}/{e.steps} at iteration {e.iteration}: {e.method} re-plans at rate {e.rate:.4f}",
+                (f"{e.zeroed} weights zeroed and kept at zero; the last step's plan is the result",),
+                None, step.groups, None,
+            )
         if isinstance(e, LayerDone):
             return (
                 "layer done",
@@ -230,6 +330,44 @@ class LayerReplay:
                 (f"layer score {_fmt(e.score)}",), None, step.groups, None,
             )
         return e.kind, e.kind, (), None, step.groups, None
+
+    def _mask(self, e: MaskSetup | MaskEpoch | MaskFreeze, groups: Groups | None) -> Described:
+        if isinstance(e, MaskSetup):
+            shape = "×".join(str(d) for d in e.mask_shape)
+            notes = [f"dense cost {e.cost:,} {e.measure}; starts all on (M = 1)"]
+            if e.reader:
+                notes.append(f"its outputs feed {e.reader}'s inputs directly: channel pruning there shrinks it too")
+            if e.filter_groups:
+                notes.append(f"filter groups fixed by {e.grouping}")
+            return "ITP mask", f"{e.layer}: {e.granularity} mask {shape}", tuple(notes), None, groups, None
+        share = e.on / e.total if e.total else 0.0
+        changes = f"{len(e.turned_off)} entries turned off, {len(e.turned_on)} on"
+        if isinstance(e, MaskFreeze):
+            per_group = "" if e.kept_per_group is None else f", S = {e.kept_per_group} per group"
+            return (
+                "ITP freeze", f"Masks freeze after epoch {e.epoch}: {e.on}/{e.total} on ({share:.1%}){per_group}",
+                (f"model complexity learned {e.learned_complexity:.4f} → {e.model_complexity:.4f}, target {e.target:.4f}",
+                 f"the freeze (equal counts, completion to the target) changed: {changes}"),
+                None, groups, None,
+            )
+        val = "" if e.val_benign is None else f", validation {e.val_benign:.1%}"
+        return (
+            f"ITP {e.phase}", f"Epoch {e.epoch}: {e.on}/{e.total} entries on ({share:.1%}){val}",
+            (f"L_HW {_fmt(e.hw_loss)}; model complexity {e.model_complexity:.4f} (target {e.target:.4f}); "
+             f"this layer {e.layer_complexity:.4f}", changes),
+            None, groups, None,
+        )
+
+    def _rho(self, e: RhoEpoch) -> Described:
+        order = sorted(range(len(e.importance_last)), key=lambda i: (e.importance_last[i], i))[:TOP_ROWS]
+        rows = tuple((str(i), _fmt(e.importance_last[i]), _fmt(e.rho_last[i]), _fmt(e.rho_mean[i])) for i in order)
+        marks = tuple("win" if i == e.least_important else "" for i in order)
+        return (
+            "AdaSAP ρ",
+            f"{e.phase.capitalize()} epoch {e.epoch}: ρ {_fmt(e.rho_low)}–{_fmt(e.rho_high)} over {e.steps} steps",
+            (f"least important filter {e.least_important} had ρ_max at the last step; least important first",),
+            StepTable(("filter", "importance", "ρ last", "ρ mean"), rows, marks), None, None,
+        )
 
     def _snake(self, e: SnakeDeal, rank: int) -> Described:
         dealt: list[list[int]] = [[] for _ in range(max(e.groups) + 1)]

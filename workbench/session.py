@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.gkp.traces import TraceEvent
+from engine.gkp.traces import MODEL, TraceEvent
 
 from .model_view import LayerRow, ModelInfo, layer_rows, listed_rows
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from engine.pipeline import Evaluation, PruneOutcome, Workspace
     from engine.training.finetune import EpochRecord, FinetuneResult
 
-UNPRUNED, PRUNED_MODEL, FINETUNED = "unpruned", "pruned", "fine-tuned"
+UNPRUNED, WARMED, PRUNED_MODEL, FINETUNED = "unpruned", "warmed up", "pruned", "fine-tuned"
 PARTIAL, COMPLETE = "partial", "complete"  # how far a model's evaluation got
 TRACE_SUFFIX = ".decisions.jsonl"
 PLAN_SUFFIX = ".plan.json"
@@ -33,14 +33,16 @@ def saved_files(path: Path) -> tuple[Path, Path, Path]:
 @dataclass
 class Session:
     """Opened model (first its layers as listed from the file, then the model, then its data),
-    pruning outcome with its decision trace, fine-tuning and evaluations (each model's marked
-    partial until all of it is done)."""
+    AdaSAP's warmed-up model, pruning outcome with its decision trace, fine-tuning and
+    evaluations (each model's marked partial until all of it is done)."""
 
     listing: "CheckpointIndex | None" = None
     workspace: "Workspace | None" = None
     info: ModelInfo | None = None
     open_error: str | None = None
     data_note: str = ""
+    warmed: "nn.Module | None" = None
+    warmup_events: list[TraceEvent] = field(default_factory=list)
     outcome: "PruneOutcome | None" = None
     events: list[TraceEvent] = field(default_factory=list)
     finetuned: "nn.Module | None" = None
@@ -69,7 +71,9 @@ class Session:
         return next((r for r in self.rows() if r.name == name), None)
 
     def layer_events(self, name: str) -> list[TraceEvent]:
-        return [e for e in self.events if e.layer == name]
+        """The events of one conv, with the model-level ones (sharpness, progressive pruning
+        steps) where they happened."""
+        return [e for e in self.events if e.layer in (name, MODEL)]
 
     def models(self) -> dict[str, Any]:
         """The models a job can use, by label: unpruned, pruned, fine-tuned (those that exist)."""
@@ -77,6 +81,8 @@ class Session:
         if self.workspace is not None:
             label = PRUNED_MODEL if self.workspace.checkpoint.plan is not None else UNPRUNED
             out[label] = self.workspace.model
+        if self.warmed is not None:
+            out[WARMED] = self.warmed
         if self.outcome is not None:
             out[PRUNED_MODEL] = self.outcome.model
         if self.finetuned is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from engine.adasap.phases import PhaseOutcome
 from engine.common.errors import ConfigError, DataError, WorkbenchError
 from engine.common.progress import (
     Phases,
@@ -23,7 +24,7 @@ from engine.common.progress import (
 from engine.config import RunConfig
 from engine.data.datasets import DataBundle
 from engine.gkp.plan import PrunePlan
-from engine.gkp.traces import LayerDone, TraceEvent, read_jsonl, write_jsonl
+from engine.gkp.traces import LayerDone, MaskSetup, TraceEvent, read_jsonl, write_jsonl
 from engine.pipeline import (
     Evaluation,
     PruneOutcome,
@@ -32,9 +33,11 @@ from engine.pipeline import (
     evaluate,
     finetune_model,
     load_fitting_data,
+    measure_sharpness,
     open_workspace,
     prune,
     save_model,
+    warmup,
 )
 from engine.training.finetune import FinetuneResult
 from widgets.heatmap import style_table
@@ -80,6 +83,14 @@ class EvaluationPart:
 @dataclass
 class Pruned:
     outcome: PruneOutcome
+    events: list[TraceEvent]
+
+
+@dataclass
+class Warmed:
+    """AdaSAP's warmup result and its trace (adaptive radii, then the sharpness it left)."""
+
+    phase: PhaseOutcome
     events: list[TraceEvent]
 
 
@@ -132,11 +143,25 @@ def load_data_for(ws: Workspace, spec: str, progress: ProgressCallback, cancel: 
     return DataLoaded(spec, data, data_notes(spec, data))
 
 
-def prune_model(ws: Workspace, progress: ProgressCallback, cancel: threading.Event) -> Pruned:
+def prune_model(ws: Workspace, model: nn.Module | None, progress: ProgressCallback,
+                cancel: threading.Event) -> Pruned:
+    """Prune `model` (the warmed-up one in an AdaSAP session, else the opened one) with the
+    configured method, and measure its sharpness after when the run measures it."""
     events: list[TraceEvent] = []
-    outcome = prune(ws, on_event=events.append, progress=progress, cancel=cancel)
+    outcome = prune(ws, model=model, on_event=events.append, progress=progress, cancel=cancel)
+    if ws.config.measures_sharpness():
+        measure_sharpness(ws, outcome.model, "after_prune", cancel=cancel, on_event=events.append)
     check_cancel(cancel)  # a cancel during the final latency timing still discards the result
     return Pruned(outcome, events)
+
+
+def warmup_model(ws: Workspace, progress: ProgressCallback, cancel: threading.Event) -> Warmed:
+    """AdaSAP's warmup of the opened model, then its sharpness before pruning."""
+    phase = warmup(ws, None, progress=progress, cancel=cancel)
+    events = list(phase.events)
+    if ws.config.measures_sharpness():
+        measure_sharpness(ws, phase.model, "before_prune", cancel=cancel, on_event=events.append)
+    return Warmed(phase, events)
 
 
 def save_pruned(ws: Workspace, outcome: PruneOutcome, events: list[TraceEvent], path: Path,
@@ -195,6 +220,9 @@ def saved_trace(checkpoint: Path, plan: PrunePlan) -> list[TraceEvent]:
         except WorkbenchError:
             continue
         done = {e.layer: e for e in events if isinstance(e, LayerDone)}
+        masked = {e.layer for e in events if isinstance(e, MaskSetup)}
+        if masked and masked != {layer.name for layer in plan.layers} | {m.name for m in plan.masks}:
+            continue
         if done.keys() == planned.keys() and all(
             [list(k) for k in event.kept_channels] == planned[name].kept_channels for name, event in done.items()
         ):

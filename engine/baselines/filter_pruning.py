@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..common.errors import ConfigError
-from ..gkp.layers import kept_count
-from ..models.cifar_resnet import BasicBlock, CifarResNet
-from ..models.cifar_vgg import CifarVGG16
+from ..gkp.layers import discover_layers, kept_count
+from ..gkp.plan import FilterLayer, PrunePlan, SkippedLayer
+from ..gkp.prune_config import PruneConfig
 from ..models.metrics import count_cost
+from ..models.surgery import filter_chains, remove_filters
 
-# (first conv, its BatchNorm, second conv) of a BasicBlock under each naming of engine.models.cifar_resnet.
-_BLOCK_LAYERS: tuple[tuple[str, str, str], ...] = (("conv1", "bn1", "conv2"), ("conv_a", "bn_a", "conv_b"))
 # At most this many bisection steps in `match_macs` (2**-40 separates any two ratio boundaries).
 _BISECTION_STEPS = 40
-SUPPORTED = "CIFAR ResNets (engine.models.cifar_resnet) and CIFAR VGG-16 (engine.models.cifar_vgg)"
 
 
 @dataclass(frozen=True)
@@ -74,103 +73,25 @@ def largest_l1_filters(weight: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[:keep].tolist())
 
 
-def _sub_conv(conv: nn.Conv2d, out_index: list[int] | None = None, in_index: list[int] | None = None) -> nn.Conv2d:
-    """A new `nn.Conv2d` holding only the given output filters and input channels of `conv`."""
-    weight = conv.weight.detach()
-    if out_index is not None:
-        weight = weight[out_index]
-    if in_index is not None:
-        weight = weight[:, in_index]
-    new = nn.Conv2d(
-        weight.shape[1], weight.shape[0], conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-        device=weight.device, dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias.detach() if out_index is None else conv.bias.detach()[out_index])
-    return new
-
-
-def _sub_bn(bn: nn.BatchNorm2d, index: list[int]) -> nn.BatchNorm2d:
-    """A new `nn.BatchNorm2d` over the given channels of `bn`, statistics included."""
-    new = nn.BatchNorm2d(
-        len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats, device=bn.weight.device if bn.affine else None,
-    )
-    with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight.detach()[index])
-            new.bias.copy_(bn.bias.detach()[index])
-        if bn.track_running_stats and bn.running_mean is not None:
-            new.running_mean.copy_(bn.running_mean[index])
-            new.running_var.copy_(bn.running_var[index])
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new
-
-
-def _sub_linear_inputs(linear: nn.Linear, index: list[int]) -> nn.Linear:
-    """A new `nn.Linear` reading only the given input features of `linear`."""
-    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight.detach()[:, index])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias.detach())
-    return new
-
-
-def _prune_resnet(model: CifarResNet, ratio: float) -> list[PrunedLayer]:
-    """In place: shrink the first conv, its BN and the second conv's inputs of every block."""
-    pruned = []
-    for block_name, block in model.named_modules():
-        if not isinstance(block, BasicBlock):
-            continue
-        conv_a, bn_a, conv_b = next(names for names in _BLOCK_LAYERS if hasattr(block, names[0]))
-        conv = getattr(block, conv_a)
+def l1_kept(model: nn.Module, ratio: float) -> list[PrunedLayer]:
+    """For every conv filter pruning acts on, the `round((1 - ratio) * C_out)` (at least 1)
+    largest-L1 filters of its current weights."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"filter pruning ratio must be in [0, 1), got {ratio!r}")
+    layers = []
+    for chain in filter_chains(model):
+        conv = model.get_submodule(chain.conv)
         keep = largest_l1_filters(conv.weight, kept_count(conv.out_channels, ratio))
-        setattr(block, conv_a, _sub_conv(conv, out_index=keep))
-        setattr(block, bn_a, _sub_bn(getattr(block, bn_a), keep))
-        setattr(block, conv_b, _sub_conv(getattr(block, conv_b), in_index=keep))
-        pruned.append(PrunedLayer(f"{block_name}.{conv_a}", conv.out_channels, tuple(keep)))
-    return pruned
-
-
-def _prune_vgg(model: CifarVGG16, ratio: float) -> list[PrunedLayer]:
-    """In place: shrink every conv of `features`, its BN, and the inputs of the next conv (or of
-    the classifier's first linear layer, for the last conv)."""
-    features = model.features
-    convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
-    keeps = {i: largest_l1_filters(features[i].weight, kept_count(features[i].out_channels, ratio)) for i in convs}
-    pruned = [PrunedLayer(f"features.{i}", features[i].out_channels, tuple(keeps[i])) for i in convs]
-    for position, i in enumerate(convs):
-        previous = keeps[convs[position - 1]] if position else None
-        features[i] = _sub_conv(features[i], out_index=keeps[i], in_index=previous)
-        if isinstance(features[i + 1], nn.BatchNorm2d):
-            features[i + 1] = _sub_bn(features[i + 1], keeps[i])
-    head = model.classifier
-    if isinstance(head, nn.Linear):
-        model.classifier = _sub_linear_inputs(head, keeps[convs[-1]])
-    else:
-        first = next(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
-        head[first] = _sub_linear_inputs(head[first], keeps[convs[-1]])
-    return pruned
-
-
-def _check_supported(model: nn.Module) -> None:
-    if not isinstance(model, (CifarResNet, CifarVGG16)):
-        raise ConfigError(f"L1-norm filter pruning supports {SUPPORTED}, not {type(model).__name__}")
+        layers.append(PrunedLayer(chain.conv, conv.out_channels, tuple(keep)))
+    return layers
 
 
 def prune_filters(model: nn.Module, ratio: float) -> FilterPruneResult:
     """A new, smaller copy of `model` (left unchanged) with `ratio` of the filters of every pruned
     conv removed, keeping `round((1 - ratio) * C_out)` (at least 1) largest-L1 filters."""
-    _check_supported(model)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"filter pruning ratio must be in [0, 1), got {ratio!r}")
+    layers = l1_kept(model, ratio)
     pruned_model = copy.deepcopy(model)
-    layers = _prune_resnet(pruned_model, ratio) if isinstance(pruned_model, CifarResNet) else _prune_vgg(pruned_model, ratio)
+    remove_filters(pruned_model, {layer.name: layer.kept for layer in layers})
     return FilterPruneResult(pruned_model, float(ratio), layers)
 
 
@@ -179,7 +100,7 @@ def match_macs(model: nn.Module, target_macs: int, input_shape: tuple[int, ...])
     closest to `target_macs`, found by bisection (MACs only fall as the ratio grows). A target
     above the original MACs gives ratio 0; one below what one filter per layer costs gives the
     largest ratio. `achieved_macs` says how close it came."""
-    _check_supported(model)
+    filter_chains(model)  # an unsupported architecture fails here, before any work
     if isinstance(target_macs, bool) or not isinstance(target_macs, int) or target_macs <= 0:
         raise ConfigError(f"target MACs must be a positive whole number, got {target_macs!r}")
 
@@ -213,3 +134,33 @@ def match_macs(model: nn.Module, target_macs: int, input_shape: tuple[int, ...])
 
 def _filters_kept(result: FilterPruneResult) -> int:
     return sum(len(layer.kept) for layer in result.layers)
+
+
+def gkp_macs(model: nn.Module, config: PruneConfig, input_shape: tuple[int, ...]) -> int:
+    """MACs of `model` once GKP at `config`'s rate and groups has pruned it (every eligible conv
+    keeps S of C_in grouped kernels): the target L1 filter pruning is matched to."""
+    layers = discover_layers(model, groups=config.groups, rate=config.rate, compat=config.compat,  # type: ignore[arg-type]
+                             skip_stem=config.skip_stem, include_pointwise=config.include_pointwise,
+                             exclude=config.exclude)
+    cost = count_cost(model, input_shape)
+    removed = sum(cost.layer_macs.get(layer.name, 0) * (1 - layer.kept / layer.in_channels)  # type: ignore[operator]
+                  for layer in layers if layer.eligible)
+    return round(cost.macs - removed)
+
+
+def filter_plan(model: nn.Module, config: PruneConfig, input_shape: tuple[int, ...],
+                arch: dict[str, Any] | None = None) -> tuple[PrunePlan, MacMatch]:
+    """L1-norm filter pruning as a workbench method (`l1-filter`): the uniform filter ratio whose
+    model has the MACs GKP would leave at `config.rate`, as a plan of removed filters."""
+    target = gkp_macs(model, config, input_shape)
+    match = match_macs(model, max(1, target), input_shape)
+    params = {
+        **config.params(), "method": "l1-filter", "grouping": None, "selection": "l1-norm",
+        "filter_ratio": match.result.ratio, "target_macs": match.target_macs,
+        "macs_relative_error": match.relative_error,
+    }
+    chained = {c.conv for c in filter_chains(model)} | {c.reader for c in filter_chains(model)}
+    skipped = [SkippedLayer(name, "L1 filter pruning removes the filters of block-internal convs only")
+               for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name not in chained]
+    filters = [FilterLayer(layer.name, layer.out_channels, list(layer.kept)) for layer in match.result.layers]
+    return PrunePlan("l1-filter", params, [], skipped, arch, filters=filters), match

@@ -1,5 +1,10 @@
 """The pruning plan: per pruned layer its filter groups and the input channels each group keeps,
-with the method, every parameter, and the skipped layers. Serialises to stable JSON."""
+with the method, every parameter, and the skipped layers. Serialises to stable JSON.
+
+Two optional parts serve the methods whose result is not a grouped conv: `masks` (kernel or
+weight masks learned by in-train pruning, kept as zeroed weights) and `filters` (whole filters
+removed by L1-norm filter pruning). A plan with either is written as version 2, which readers
+of version 1 refuse rather than misread; plans without them stay version 1."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..common.checks import is_whole
@@ -16,6 +23,9 @@ from ..common.errors import PlanError
 from ..common.fileio import write_text_atomic
 
 PLAN_VERSION = 1
+MASKED_PLAN_VERSION = 2  # a plan with `masks` or `filters`
+PLAN_VERSIONS: tuple[int, ...] = (PLAN_VERSION, MASKED_PLAN_VERSION)
+MASK_GRANULARITIES: tuple[str, ...] = ("kernel", "weight")
 # Bounds on what a plan read from a file may declare, checked before anything is built from it.
 MAX_CHANNELS = 65_536
 MAX_KERNEL = 1024
@@ -129,6 +139,123 @@ def _short_lists(value: Any, total: int) -> bool:
 
 
 @dataclass
+class MaskLayer:
+    """A conv whose pruned weights are zeroed, not removed: `bits` is the keep mask (1 = kept),
+    row-major over `(C_out, C_in)` for `kernel` granularity or the whole weight for `weight`,
+    packed 8 entries a byte (most significant bit first) and written in hex; `kept` counts the
+    ones."""
+
+    name: str
+    granularity: str
+    weight_shape: tuple[int, int, int, int]
+    kept: int
+    bits: str
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        return self.weight_shape[:2] if self.granularity == "kernel" else self.weight_shape
+
+    @property
+    def pruned_share(self) -> float:
+        """Fraction of mask entries pruned."""
+        return 1.0 - self.kept / int(np.prod(self.mask_shape))
+
+    @classmethod
+    def from_keep(cls, name: str, granularity: str, weight_shape: tuple[int, ...], keep: torch.Tensor) -> "MaskLayer":
+        flat = keep.detach().to("cpu", torch.bool).flatten().numpy()
+        layer = cls(name, granularity, tuple(int(d) for d in weight_shape), int(flat.sum()),  # type: ignore[arg-type]
+                    np.packbits(flat).tobytes().hex())
+        layer.check()
+        return layer
+
+    def keep(self) -> torch.Tensor:
+        """The keep mask as a bool tensor of `mask_shape`."""
+        n = int(np.prod(self.mask_shape))
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(self.bits), dtype=np.uint8))[:n]
+        return torch.from_numpy(bits.astype(bool)).reshape(self.mask_shape)
+
+    def weight_keep(self) -> torch.Tensor:
+        """The keep mask broadcast to the full weight shape (float 0/1)."""
+        keep = self.keep().float()
+        return keep[:, :, None, None].expand(self.weight_shape) if self.granularity == "kernel" else keep
+
+    def check(self) -> None:
+        """Raise `PlanError` unless granularity, shape, bit string and count agree."""
+        if self.granularity not in MASK_GRANULARITIES:
+            raise PlanError(f"{self.name}: mask granularity must be one of {', '.join(MASK_GRANULARITIES)}")
+        if len(self.weight_shape) != 4 or min(self.weight_shape) < 1:
+            raise PlanError(f"{self.name}: a masked layer needs a 4-d conv weight shape, got {self.weight_shape}")
+        n = int(np.prod(self.mask_shape))
+        try:
+            packed = bytes.fromhex(self.bits)
+        except ValueError:
+            raise PlanError(f"{self.name}: mask bits are not hexadecimal") from None
+        if len(packed) != (n + 7) // 8 or int(self.keep().sum()) != self.kept:
+            raise PlanError(f"{self.name}: mask bits do not hold {n} entries with {self.kept} kept")
+
+    def check_conv(self, module: nn.Module | None) -> None:
+        if module is None:
+            raise PlanError(f"masked layer {self.name!r} does not exist in this model")
+        if not isinstance(module, nn.Conv2d) or tuple(module.weight.shape) != tuple(self.weight_shape):
+            raise PlanError(f"masked layer {self.name!r} expects a conv weight {tuple(self.weight_shape)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MaskLayer":
+        """A mask entry read from a file: its shape is checked against MAX_CHANNELS and MAX_KERNEL
+        and the bit string's length against it before any bit is read, then the entry (`check`)."""
+        try:
+            shape = data["weight_shape"]
+            limits = (MAX_CHANNELS, MAX_CHANNELS, MAX_KERNEL, MAX_KERNEL)
+            if not isinstance(shape, list) or len(shape) != 4 or not all(
+                    is_whole(v) and 1 <= v <= top for v, top in zip(shape, limits)):
+                raise ValueError(f"weight_shape must be 4 whole numbers within {MAX_CHANNELS} and {MAX_KERNEL}")
+            bits, kept = data["bits"], data["kept"]
+            if not isinstance(bits, str) or len(bits) > 2 * (shape[0] * shape[1] * shape[2] * shape[3] + 7) // 8 \
+                    or not is_whole(kept):
+                raise ValueError("bits must be a hex string no longer than the mask it holds, kept a whole number")
+            layer = cls(str(data["name"]), str(data["granularity"]), tuple(shape), kept, bits)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed mask entry in plan: {detail}") from None
+        layer.check()
+        return layer
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weight_shape"] = list(self.weight_shape)
+        return data
+
+
+@dataclass
+class FilterLayer:
+    """A conv whose filters outside `kept` (ascending) are removed physically, with what reads them."""
+
+    name: str
+    out_channels: int
+    kept: list[int]
+
+    def check(self) -> None:
+        if not self.kept or len(set(self.kept)) != len(self.kept) or self.kept != sorted(self.kept) \
+                or self.kept[0] < 0 or self.kept[-1] >= self.out_channels:
+            raise PlanError(f"{self.name}: kept filters must be distinct ascending indices in 0..{self.out_channels - 1}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FilterLayer":
+        """A filter entry read from a file, its size bounded by MAX_CHANNELS before the list is read."""
+        try:
+            filters, kept = data["out_channels"], data["kept"]
+            if not (is_whole(filters) and 1 <= filters <= MAX_CHANNELS) or not _short_lists([kept], filters):
+                raise ValueError(f"out_channels must be a whole number within {MAX_CHANNELS} and kept a list of "
+                                 "at most that many indices")
+            layer = cls(str(data["name"]), filters, [int(i) for i in kept])
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanError(f"malformed filter entry in plan: {detail}") from None
+        layer.check()
+        return layer
+
+
+@dataclass
 class SkippedLayer:
     """A conv the plan leaves dense, and why."""
 
@@ -145,7 +272,17 @@ class PrunePlan:
     layers: list[LayerPlan]
     skipped: list[SkippedLayer] = field(default_factory=list)
     arch: dict[str, Any] | None = None
-    version: int = PLAN_VERSION
+    masks: list[MaskLayer] = field(default_factory=list)
+    filters: list[FilterLayer] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        return MASKED_PLAN_VERSION if self.masks or self.filters else PLAN_VERSION
+
+    @property
+    def pruned_count(self) -> int:
+        """How many convs the plan prunes: grouped, masked or filter-pruned."""
+        return len(self.layers) + len(self.masks) + len(self.filters)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -154,7 +291,7 @@ class PrunePlan:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": self.version,
             "method": self.method,
             "params": self.params,
@@ -162,6 +299,11 @@ class PrunePlan:
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
         }
+        if self.masks:
+            data["masks"] = [m.to_dict() for m in self.masks]
+        if self.filters:
+            data["filters"] = [asdict(f) for f in self.filters]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -173,19 +315,28 @@ class PrunePlan:
     def from_dict(cls, data: Any) -> "PrunePlan":
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "method" not in data:
             raise PlanError("not a pruning plan (expects an object with 'method' and a list of 'layers')")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {data.get('version')!r} is not supported (expects {PLAN_VERSION})")
+        if data.get("version") not in PLAN_VERSIONS:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (expects one of {PLAN_VERSIONS})")
         try:
             skipped = [SkippedLayer(str(s["name"]), str(s["reason"])) for s in data.get("skipped", [])]
+            masks = [MaskLayer.from_dict(m) for m in data.get("masks", [])]
+            filters = [FilterLayer.from_dict(f) for f in data.get("filters", [])]
         except (KeyError, TypeError) as exc:
-            raise PlanError(f"malformed skipped-layer entry in plan: {exc!r}") from None
-        return cls(
+            raise PlanError(f"malformed skipped-layer, mask or filter entry in plan: {exc!r}") from None
+        plan = cls(
             method=str(data["method"]),
             params=dict(data.get("params") or {}),
             layers=[LayerPlan.from_dict(entry) for entry in data["layers"]],
             skipped=skipped,
             arch=data.get("arch"),
+            masks=masks,
+            filters=filters,
         )
+        if plan.version != data["version"]:
+            raise PlanError(f"plan version {data['version']} does not match its content (expects {plan.version})")
+        if plan.filters and (plan.layers or plan.masks):
+            raise PlanError("a plan removes whole filters or prunes kernels, not both")
+        return plan
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PrunePlan":
@@ -204,3 +355,9 @@ class PrunePlan:
         modules = dict(model.named_modules())
         for layer in self.layers:
             layer.check_conv(modules.get(layer.name))
+        for mask in self.masks:
+            mask.check_conv(modules.get(mask.name))
+        for filt in self.filters:
+            conv = modules.get(filt.name)
+            if not isinstance(conv, nn.Conv2d) or conv.out_channels != filt.out_channels:
+                raise PlanError(f"plan layer {filt.name!r} expects a conv with {filt.out_channels} filters in this model")

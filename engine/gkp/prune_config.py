@@ -16,10 +16,13 @@ Compat = Literal["paper", "reference"]
 COMPAT_VALUES: tuple[str, ...] = ("paper", "reference")
 SCHEMES: tuple[str, ...] = ("kpca", "spectral", "tsne-dbscan")
 SELECTIONS: tuple[str, ...] = ("smooth-beam", "greedy", "l2", "least-smooth", "random")
-METHODS: dict[str, tuple[str, str]] = {
+GKP_METHODS: dict[str, tuple[str, str]] = {
     "sr-gkp": ("smoothness-snaking", "smooth-beam"),
     "tmi-gkp": ("tmi", "greedy"),
 }
+# Every method by name with its (grouping, selection): the GKP ones, in-train mask pruning (SPEC
+# §8, settings in engine.itp) and L1-norm filter pruning matched to GKP's MACs.
+METHODS: dict[str, tuple[str, str]] = {**GKP_METHODS, "itp": ("itp", "itp-mask"), "l1-filter": ("none", "l1-norm")}
 CLUSTER_PREFIX = "cluster:"
 MAX_BEAM_CANDIDATES = 4096  # a beam holds up to beam_width ** (check_every + 1) sets before a cut
 MAX_TICKET_EPOCH = 100_000  # as many epochs as fine-tuning allows
@@ -80,6 +83,10 @@ class PruneConfig:
     def validate(self) -> None:
         """Raise `ConfigError` with one clear sentence for the first bad value."""
         one_of("prune.method", self.method, tuple(METHODS))
+        if self.method not in GKP_METHODS and (self.grouping is not None or self.selection is not None):
+            raise ConfigError(
+                f"prune.grouping and prune.selection apply to {' and '.join(GKP_METHODS)}, not {self.method}"
+            )
         if self.grouping is not None:
             one_of("prune.grouping", self.grouping, GROUPINGS)
         if self.selection is not None:

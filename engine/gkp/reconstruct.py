@@ -1,7 +1,8 @@
 """Reconstruction of pruned layers (SPEC §5): each planned conv becomes a dense grouped
 convolution that gathers its kept input channels and returns outputs in the original channel
 order, so BatchNorm, shortcuts and the next layer stay untouched. Also the zero-masked dense
-reference, the `grouped` / `dense` / `auto` deployment forms and pruned-checkpoint structure."""
+reference, the `grouped` / `dense` / `auto` deployment forms and pruned-checkpoint structure,
+for a plan's kernel or weight masks (zeroed weights) and removed filters too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from torch.nn import functional as F
 from ..common.devices import exact_fp32, resolve_device
 from ..common.errors import ConfigError
 from ..models.latency import measure_latency
+from ..models.surgery import remove_filters, silence_filters, silenced_tensors
+from .masked import ZeroMaskedConv
 from .plan import LayerPlan, PrunePlan
 
 FORMS: tuple[str, ...] = ("grouped", "dense", "auto")
@@ -195,21 +198,36 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
+def _filters_kept(plan: PrunePlan) -> dict[str, list[int]]:
+    return {f.name: f.kept for f in plan.filters}
+
+
 def install_plan_structure(model: nn.Module, plan: PrunePlan) -> None:
-    """In place: swap every planned conv for an empty `GroupedKernelConv` of the right shapes,
-    so a pruned model's state dict loads with `strict=True`."""
+    """In place: swap every planned conv for an empty `GroupedKernelConv` of the right shapes
+    (a `ZeroMaskedConv` for a masked one; smaller convs where filters are removed), so a pruned
+    model's state dict loads with `strict=True`."""
     plan.check_fits(model)
     for layer in plan.layers:
         _replace(model, layer.name, GroupedKernelConv.empty(layer, model.get_submodule(layer.name)))
+    for mask in plan.masks:
+        _replace(model, mask.name, ZeroMaskedConv(model.get_submodule(mask.name), mask))
+    if plan.filters:
+        remove_filters(model, _filters_kept(plan))
 
 
 def masked_dense(model: nn.Module, plan: PrunePlan, *, share_unplanned: bool = False) -> nn.Module:
     """A copy of `model` whose planned convs keep only their kept kernels (the others zeroed):
-    the reference every reconstruction must match. `share_unplanned` copies only the planned
-    convs' weights and reuses every other parameter and buffer of `model` (less memory, for a
-    reference that is only run, never trained)."""
+    the reference every reconstruction must match. `share_unplanned` copies only the tensors the
+    plan writes (planned and masked convs' weights, removed filters' conv and BatchNorm terms) and
+    reuses every other parameter and buffer of `model` (less memory, for a reference that is only
+    run, never trained)."""
     plan.check_fits(model)
-    planned = {id(model.get_submodule(layer.name).weight) for layer in plan.layers}
+    written = [
+        *(model.get_submodule(layer.name).weight for layer in plan.layers),
+        *(model.get_submodule(mask.name).weight for mask in plan.masks),
+        *silenced_tensors(model, _filters_kept(plan)),
+    ]
+    planned = {id(t) for t in written}
     tensors = (*model.parameters(), *model.buffers()) if share_unplanned else ()
     masked = copy.deepcopy(model, memo={id(t): t for t in tensors if id(t) not in planned})
     for layer in plan.layers:
@@ -219,6 +237,12 @@ def masked_dense(model: nn.Module, plan: PrunePlan, *, share_unplanned: bool = F
             keep[torch.tensor(filters)[:, None], torch.tensor(kept)[None, :]] = True
         with torch.no_grad():
             conv.weight.mul_(keep[:, :, None, None].to(conv.weight.dtype))
+    for mask in plan.masks:
+        conv = masked.get_submodule(mask.name)
+        with torch.no_grad():
+            conv.weight.mul_(mask.weight_keep().to(conv.weight.device, conv.weight.dtype))
+    if plan.filters:
+        silence_filters(masked, _filters_kept(plan))
     return masked
 
 
@@ -226,7 +250,7 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     """A copy of `model` with every pruned layer in its dense form (pruned kernels zero), or
     `model` itself when none is pruned: the same function for measuring accuracy, at the unpruned
     model's speed (narrow grouped layers infer several times slower on a CPU)."""
-    pruned = [name for name, module in model.named_modules() if isinstance(module, GroupedKernelConv)]
+    pruned = [name for name, module in model.named_modules() if isinstance(module, (GroupedKernelConv, ZeroMaskedConv))]
     if not pruned:
         return model
     dense = copy.deepcopy(model)
@@ -337,6 +361,7 @@ def apply_plan(
     deployed = copy.deepcopy(model)
     if device is not None:
         deployed.to(device if isinstance(device, torch.device) else resolve_device(device))
+    _deploy_masks_and_filters(deployed, plan, form)
     if form != "auto":
         modules: dict[str, nn.Module] = {}
         for layer in plan.layers:
@@ -353,16 +378,35 @@ def apply_plan(
     return deployed
 
 
+def _deploy_masks_and_filters(model: nn.Module, plan: PrunePlan, form: str) -> None:
+    """In place: a plan's masked layers as `ZeroMaskedConv` (the `grouped` form, to train and
+    save) or as plain convs holding the zeros (otherwise: zeroed weights have no faster form),
+    and its removed filters taken out (the same in every form)."""
+    modules: dict[str, nn.Module] = {}
+    choices: dict[str, DeployChoice] = {}
+    for mask in plan.masks:
+        masked = ZeroMaskedConv(model.get_submodule(mask.name), mask)
+        modules[mask.name] = masked if form == "grouped" else masked.to_dense_conv()
+        note = "" if form != "auto" else "zeroed weights: the dense form is the only one"
+        choices[mask.name] = DeployChoice(form, "masked" if form == "grouped" else "dense", note=note)
+    _install(model, modules, choices)
+    if plan.filters:
+        remove_filters(model, _filters_kept(plan))
+        for f in plan.filters:
+            model.get_submodule(f.name).gkp_deploy = DeployChoice(form, "dense", note=f"{len(f.kept)} filters kept")
+
+
 def deploy_summary(model: nn.Module) -> dict[str, Any]:
     """The deployment of `model`'s pruned layers: the form asked for, how many layers ended up
     grouped or dense, and per layer its form and, for `auto`, the timings it was chosen on.
-    Layers loaded from a pruned checkpoint (no deployment record) count as `grouped`."""
+    Layers loaded from a pruned checkpoint (no deployment record) count as `grouped` (`masked`
+    for zeroed-weight layers)."""
     layers: dict[str, dict[str, Any]] = {}
     requested: set[str] = set()
     for name, module in model.named_modules():
         choice = getattr(module, "gkp_deploy", None)
-        if choice is None and isinstance(module, GroupedKernelConv):
-            choice = DeployChoice("grouped", "grouped")
+        if choice is None and isinstance(module, (GroupedKernelConv, ZeroMaskedConv)):
+            choice = DeployChoice("grouped", "grouped" if isinstance(module, GroupedKernelConv) else "masked")
         if not isinstance(choice, DeployChoice):
             continue
         requested.add(choice.requested)
@@ -372,7 +416,8 @@ def deploy_summary(model: nn.Module) -> dict[str, Any]:
         layers[name] = record
     return {
         "form": "+".join(sorted(requested)) if requested else None,
-        "counts": {form: sum(r["form"] == form for r in layers.values()) for form in ("grouped", "dense")},
+        "counts": {form: sum(r["form"] == form for r in layers.values())
+                   for form in ("grouped", "dense", *(("masked",) if any(r["form"] == "masked" for r in layers.values()) else ()))},
         "layers": layers,
     }
 

@@ -1,5 +1,6 @@
 """Decision traces (SPEC §4.3): typed, frozen events that every pruning stage emits so a person
-can step through each decision, with a stable JSON form documented in docs/TRACES.md."""
+can step through each decision (GKP's grouping and selection, in-train pruning's masks, AdaSAP's
+adaptive radii and sharpness), with a stable JSON form documented in docs/TRACES.md."""
 
 from __future__ import annotations
 
@@ -239,11 +240,119 @@ class LayerDone(TraceEvent):
     score: float | None
 
 
+MODEL = ""  # the `layer` of events about the whole model rather than one conv
+
+
+@dataclass(frozen=True)
+class MaskSetup(TraceEvent):
+    """In-train pruning (SPEC §8): a conv gets a trainable mask of `mask_shape` at `granularity`.
+    `cost` is its dense cost in `measure` units; `reader` the masked conv reading its outputs
+    directly (channel masks); `filter_groups` the fixed groups of grouped-kernel masks."""
+
+    kind: ClassVar[str] = "mask_setup"
+    granularity: str
+    mask_shape: tuple[int, ...]
+    measure: str
+    cost: int
+    reader: str | None
+    grouping: str
+    filter_groups: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class MaskEpoch(TraceEvent):
+    """A conv's binary mask at the end of `epoch` (1-based): `phase` is `before` (the window has
+    not started), `learning` or `frozen`; `turned_off` / `turned_on` are flat indices into the
+    mask that changed since the previous epoch; the complexities are relative to the dense
+    cost, `hw_loss` is L_HW at the epoch's end and `val_benign` the validation accuracy."""
+
+    kind: ClassVar[str] = "mask_epoch"
+    epoch: int
+    phase: str
+    on: int
+    total: int
+    turned_off: tuple[int, ...]
+    turned_on: tuple[int, ...]
+    layer_complexity: float
+    model_complexity: float
+    target: float
+    hw_loss: float
+    val_benign: float | None
+
+
+@dataclass(frozen=True)
+class MaskFreeze(TraceEvent):
+    """The masks freeze after `epoch`: grouped-kernel masks keep the top `kept_per_group` of every
+    group (equal counts), then, if the model's complexity misses the target by more than the
+    tolerance, entries are completed toward it by their learned values. `turned_off` /
+    `turned_on` are the entries the freeze changed; `learned_complexity` and
+    `model_complexity` the model's complexity before and after."""
+
+    kind: ClassVar[str] = "mask_freeze"
+    epoch: int
+    on: int
+    total: int
+    kept_per_group: int | None
+    turned_off: tuple[int, ...]
+    turned_on: tuple[int, ...]
+    learned_complexity: float
+    model_complexity: float
+    target: float
+
+
+@dataclass(frozen=True)
+class RhoEpoch(TraceEvent):
+    """AdaSAP's adaptive step (SPEC §9) on one layer over an epoch of `phase` (`warmup` or
+    `pruning`): the smallest and largest radius any filter got in any of its `steps`, each
+    filter's mean radius, and its radius and importance at the last step (whose least important
+    filter had ρ_max)."""
+
+    kind: ClassVar[str] = "rho_epoch"
+    phase: str
+    epoch: int
+    steps: int
+    rho_low: float
+    rho_high: float
+    rho_mean: tuple[float, ...]
+    rho_last: tuple[float, ...]
+    importance_last: tuple[float, ...]
+    least_important: int
+
+
+@dataclass(frozen=True)
+class SharpnessMeasured(TraceEvent):
+    """The model's sharpness `max_{‖ε‖≤rho} L(w+ε) − L(w)` at a point of the run (`when`:
+    `before_prune`, `after_prune`, `after_finetune`), with the loss it started from."""
+
+    kind: ClassVar[str] = "sharpness"
+    when: str
+    value: float
+    loss: float
+    rho: float
+    steps: int
+    images: int
+
+
+@dataclass(frozen=True)
+class ProgressivePrune(TraceEvent):
+    """AdaSAP's progressive pruning: step `step` of `steps`, at training iteration `iteration`,
+    re-planned with `method` at the scheduled `rate` and zeroed `zeroed` weights."""
+
+    kind: ClassVar[str] = "progressive_prune"
+    step: int
+    steps: int
+    iteration: int
+    method: str
+    rate: float
+    zeroed: int
+
+
 EVENT_TYPES: dict[str, type[TraceEvent]] = {
     cls.kind: cls
     for cls in (
         LayerStart, LayerSkipped, SnakeDeal, RandomGrouping, Clustering, TmiTicket, TmiVote,
         BeamCut, BeamFinal, StartResults, RankedSelection, FinalChoice, LayerDone,
+        MaskSetup, MaskEpoch, MaskFreeze, RhoEpoch, SharpnessMeasured, ProgressivePrune,
     )
 }
 

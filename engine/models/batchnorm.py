@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,18 +102,23 @@ def recalibrate_batchnorm(
     return Recalibration(len(norms), n, batch_size, seed, time.perf_counter() - started)
 
 
-def copy_batchnorm_statistics(source: nn.Module, target: nn.Module) -> int:
+def copy_batchnorm_statistics(source: nn.Module, target: nn.Module,
+                              channels: Mapping[str, Sequence[int]] | None = None) -> int:
     """Copy the running statistics of every BatchNorm of `source` into the BatchNorm of the same
-    name in `target` (another form of the same model); returns how many layers were copied."""
+    name in `target` (another form of the same model; `channels` names the channels of `source`'s
+    layers that `target` kept, where filter pruning narrowed them); returns how many layers were
+    copied."""
     theirs = dict(batchnorm_layers(target))
+    kept = channels or {}
     copied = 0
     with torch.no_grad():
         for name, module in batchnorm_layers(source):
             other = theirs.get(name)
             if other is None:
                 continue
-            other.running_mean.copy_(module.running_mean)
-            other.running_var.copy_(module.running_var)
+            index = list(kept[name]) if name in kept else slice(None)
+            other.running_mean.copy_(module.running_mean[index])
+            other.running_var.copy_(module.running_var[index])
             other.num_batches_tracked.copy_(module.num_batches_tracked)
             copied += 1
     return copied

@@ -44,6 +44,8 @@ from ..models.normalize_layer import with_normalization
 from ..robustness.batch_eval import derive_seed
 from ..robustness.sharded import evaluate_sharded
 from .finetune_config import FinetuneConfig, metric_filename
+from .hooks import Steps, TrainingHooks
+from .perturbation import neuron_perturbation, neuron_weights
 
 CROP_PAD = 4
 STATE_FILE = "last.pt"
@@ -266,7 +268,10 @@ class _Run:
         on_epoch_end: EpochHook | None,
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
+        hooks: TrainingHooks | None = None,
     ) -> None:
+        self.hooks = hooks or TrainingHooks()
+        self.stage = self.hooks.stage
         self.model, self.data, self.norm, self.config, self.out_dir, self.ctx = model, data, norm, config, out_dir, ctx
         self.save_model, self.on_epoch_end, self.cancel = save_model, on_epoch_end, cancel
         self.progress = progress if ctx.is_main else None
@@ -338,19 +343,32 @@ class _Run:
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def _perturbation(self) -> Steps | None:
+        """The sharpness pass's weight perturbation: the hooks' (AdaSAP's adaptive step), else
+        SAM/ASAM over all parameters at once, or per filter (`sam_partition = "filter"`)."""
+        if self.hooks.perturbs:
+            return self.hooks.perturbation()
+        rho, adaptive = self.config.resolved_rho(), self.config.mode == "asam"
+        if self.config.sam_partition == "filter":
+            return [(w, neuron_perturbation(w, w.grad, rho, adaptive=adaptive))
+                    for _, w in neuron_weights(self.model) if w.grad is not None]
+        pairs = [(p, p.grad) for p in self.params if p.grad is not None]
+        return [(p, step) for (p, _), step in zip(pairs, sharpness_perturbation(pairs, rho, adaptive))]
+
     def _sharpness_pass(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
         """SAM's second pass: gradient at the perturbed weights, left for the optimiser step."""
         with torch.no_grad():
-            pairs = [(p, p.grad) for p in self.params if p.grad is not None]
-            steps = sharpness_perturbation(pairs, self.config.resolved_rho(), self.config.mode == "asam")
-            for (p, _), step in zip(pairs, steps):
+            steps = self._perturbation()
+            if not steps:
+                return
+            for p, step in steps:
                 p.add_(step)
         self.optimizer.zero_grad(set_to_none=True)
         with _running_stats_frozen(self.model):
             loss, _ = self._loss(self.net, x, y)
             self._backward(loss * scale)
         with torch.no_grad():
-            for (p, _), step in zip(pairs, steps):
+            for p, step in steps:
                 p.sub_(step)
 
     def _step(
@@ -367,7 +385,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self._loss(self.net, x, y)
         self._backward(loss * scale)
-        if self.config.mode in ("sam", "asam"):
+        if self.config.mode in ("sam", "asam") or self.hooks.perturbs:
             self._sharpness_pass(x, y, scale)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -413,6 +431,7 @@ class _Run:
                 x = x.contiguous(memory_format=torch.channels_last)
             meter.add(*self._step(x, y, ctx.world_size / len(batch), attack_rng), len(y))
             self.steps_this_run += 1
+            self.hooks.after_step(epoch * self.steps_per_epoch + step, lr)
             self._report_step(epoch, step, meter, lr, meter.count * ctx.world_size / (time.perf_counter() - started))
         self.scheduler.step()
         loss_sum, correct, count = self.ctx.all_reduce_sum([float(meter.loss), int(meter.correct), meter.count])
@@ -435,7 +454,7 @@ class _Run:
             metrics["loss"] = float(meter.loss) / meter.count
             self.loss_read = now
         report(self.progress, Progress(
-            "finetune", done, total, f"epoch {epoch + 1}/{self.config.epochs} step {step}/{self.steps_per_epoch}",
+            self.stage, done, total, f"epoch {epoch + 1}/{self.config.epochs} step {step}/{self.steps_per_epoch}",
             metrics,
         ))
 
@@ -443,7 +462,7 @@ class _Run:
         """Validation accuracy, benign and under each tracked attack, sharded over processes (a
         pruned model is measured in its dense equivalent, which infers faster)."""
         report(self.progress, Progress(
-            "finetune", epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
+            self.stage, epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
             f"epoch {epoch}/{self.config.epochs}: evaluating on the validation split", {"epoch": epoch},
         ))
         result = evaluate_sharded(
@@ -471,7 +490,7 @@ class _Run:
         if self.out_dir is not None and self.ctx.is_main:
             torch_save_atomic(self._state(), self.out_dir / STATE_FILE)
         report(self.progress, Progress(
-            "finetune", self.epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
+            self.stage, self.epoch * self.steps_per_epoch, self.config.epochs * self.steps_per_epoch,
             f"epoch {record.epoch}/{self.config.epochs} done",
             {"epoch": record.epoch, "epoch_done": True, "record": record},
         ))
@@ -503,6 +522,7 @@ class _Run:
             "history": [asdict(r) for r in self.history],
             "best": {m: {"epoch": b.epoch, "value": b.value, "file": None if b.path is None else b.path.name}
                      for m, b in self.best.items()},
+            "hooks": {"settings": self.hooks.settings(), "state": self.hooks.state_dict()},
         }
 
     def resume(self) -> None:
@@ -530,6 +550,9 @@ class _Run:
         changed = [k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
         if changed:
             raise ConfigError(f"cannot resume {path}: the config now differs in {', '.join(changed)}")
+        hooks = state.get("hooks", {"settings": {}, "state": {}})
+        if hooks["settings"] != self.hooks.settings():
+            raise ConfigError(f"cannot resume {path}: it was written by a run of other {self.stage} settings")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError:
@@ -539,6 +562,7 @@ class _Run:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         _restore_rng(state["rng"], self.ctx.device)
+        self.hooks.load_state_dict(hooks["state"])
         self.epoch = int(state["epoch"])
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.best = {
@@ -560,13 +584,15 @@ def finetune(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     ctx: DistContext | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` (which takes normalised input) on `data.train`, validating on
     `data.val`. With `out_dir`, every epoch writes `last.pt` and new bests `best_<metric>.pt`
     (through `save_model` when given); `resume` continues from `last.pt`. `on_epoch_end(epoch,
-    model)` runs after every complete epoch (for training snapshots). Cancellation stops
-    within one step and returns with `completed=False`. Under torchrun (`ctx` from the
-    environment by default) only rank 0 writes files and reports progress."""
+    model)` runs after every complete epoch (for training snapshots); `hooks` add a method's
+    own training rules (ITP, AdaSAP). Cancellation stops within one step and returns with
+    `completed=False`. Under torchrun (`ctx` from the environment by default) only rank 0 writes
+    files and reports progress."""
     config.validate()
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the run to continue")
@@ -590,15 +616,17 @@ def finetune(
         if ctx.device.type == "cuda":
             stack.enter_context(cudnn_benchmark())
         try:
-            run = _Run(model, data, norm, config, out, ctx, save_model, on_epoch_end, progress, cancel)
+            run = _Run(model, data, norm, config, out, ctx, save_model, on_epoch_end, progress, cancel, hooks)
             if resume:
                 run.resume()
             else:
                 torch.manual_seed(config.seed)
             for epoch in range(run.epoch, config.epochs):
+                run.hooks.start_epoch(epoch)
                 record = run.train_epoch(epoch)
                 if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                     record.val = run.evaluate(epoch + 1)
+                run.hooks.end_epoch(record)
                 run.finish_epoch(record)
             ctx.barrier()
             completed = True

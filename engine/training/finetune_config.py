@@ -13,6 +13,9 @@ from ..common.errors import ConfigError
 from ..robustness.attack_spec import AttackSpec
 
 MODES: tuple[str, ...] = ("standard", "fastat", "sam", "asam")
+# How sam/asam normalise the perturbation: over all parameters at once (SAM, ASAM) or per filter
+# of every conv and linear weight (AdaSAP's Algorithm 2 taken literally, ρ_min = ρ_max).
+SAM_PARTITIONS: tuple[str, ...] = ("global", "filter")
 SCHEDULES: tuple[str, ...] = ("step", "cosine")
 DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5}
 MAX_EPOCHS = 100_000
@@ -28,7 +31,8 @@ def metric_filename(metric: str) -> str:
 class FinetuneConfig:
     """Fine-tuning settings; defaults are both papers' (SGD lr 0.01, momentum 0.9, weight decay
     5e-4, step decay ×0.1, batch 64, crop + flip). Step milestones default to half and three
-    quarters of the epochs; `sam_rho` to 0.05 (sam) or 0.5 (asam). `amp` and `channels_last`
+    quarters of the epochs; `sam_rho` to 0.05 (sam) or 0.5 (asam), normalised over all parameters
+    at once or per filter (`sam_partition`). `amp` and `channels_last`
     only take effect on CUDA. `track_attacks` are validated on every `eval_every`-th epoch and the
     last, as specs or `parse_attack` text."""
 
@@ -44,6 +48,7 @@ class FinetuneConfig:
     fastat_eps: float = 8 / 255
     fastat_alpha: float = 10 / 255
     sam_rho: float | None = None
+    sam_partition: str = "global"
     augment: bool = True
     device: str = "auto"
     amp: bool = True
@@ -70,6 +75,7 @@ class FinetuneConfig:
         within("finetune.fastat_alpha", self.fastat_alpha, 0.0, low_open=True)
         if self.sam_rho is not None:
             within("finetune.sam_rho", self.sam_rho, 0.0, low_open=True)
+        one_of("finetune.sam_partition", self.sam_partition, SAM_PARTITIONS)
         for name in ("augment", "amp", "channels_last", "compile"):
             flag(f"finetune.{name}", getattr(self, name))
         check_device(self.device, "finetune.device")

@@ -211,7 +211,7 @@ def test_forced_clustering_needs_no_snapshots():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"method": "gkp"}, "prune.method must be one of sr-gkp, tmi-gkp, got 'gkp'"),
+    ({"method": "gkp"}, "prune.method must be one of sr-gkp, tmi-gkp, itp, l1-filter, got 'gkp'"),
     ({"grouping": "kmeans"}, "prune.grouping must be one of"),
     ({"selection": "best"}, "prune.selection must be one of"),
     ({"rate": 1.0}, r"prune.rate must be a number in \[0, 1\)"),

@@ -3,6 +3,7 @@ deploy form, models without BatchNorm, cancel."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from engine.common.errors import Cancelled, ConfigError
+from engine.gkp.plan import FilterLayer, MaskLayer, PrunePlan
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
 from engine.gkp.reconstruct import apply_plan, equivalence_error, masked_dense
@@ -22,6 +24,7 @@ from engine.models.batchnorm import (
 )
 from engine.models.cifar_resnet import CifarResNet
 from engine.models.normalization import Normalization
+from engine.models.surgery import filter_batchnorm_channels
 
 NORM = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -106,6 +109,35 @@ def test_grouped_dense_and_auto_forms_share_the_recalibrated_statistics() -> Non
         recalibrate_batchnorm(direct, data, NORM, n_images=24, batch_size=8, seed=1)
         assert equivalence_error(direct, masked, x) < 1e-4
     assert equivalence_error(model, masked, x) > 1e-2  # the original kept its own statistics
+
+
+def test_filter_pruned_and_masked_plans_share_the_recalibrated_statistics() -> None:
+    """L1 filter plans narrow BatchNorm layers: the statistics of the kept channels are copied
+    (and a mask plan's shared reference leaves the model untouched while it recalibrates)."""
+    torch.manual_seed(0)
+    model = CifarResNet(20, num_classes=10, in_channels=3).eval()
+    weight = model.layer1[0].conv2.weight
+    keep = torch.rand(weight.shape[:2], generator=torch.Generator().manual_seed(3)) > 0.5
+    filters = [FilterLayer("layer1.1.conv1", 16, [0, 2, 5, 9]), FilterLayer("layer2.0.conv1", 32, [1, 4])]
+    plan = PrunePlan("test", {}, [], masks=[MaskLayer.from_keep("layer1.0.conv2", "kernel", tuple(weight.shape), keep)],
+                     filters=filters)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = copy.deepcopy(model)
+    masked = masked_dense(original, plan, share_unplanned=True)
+    recalibrate_batchnorm(masked, images(24, size=16), NORM, n_images=24, batch_size=8, seed=1)
+    x = torch.randn(4, 3, 16, 16)
+    kept = {f.name: f.kept for f in plan.filters}
+    channels = filter_batchnorm_channels(model, kept)
+    assert channels == {"layer1.1.bn1": [0, 2, 5, 9], "layer2.0.bn1": [1, 4]}
+    for form in ("grouped", "dense"):
+        deployed = apply_plan(original, plan, form=form)
+        assert copy_batchnorm_statistics(masked, deployed, channels=channels) == 19
+        assert equivalence_error(deployed, masked, x) < 1e-4
+        assert torch.equal(deployed.layer2[0].bn1.running_mean, masked.layer2[0].bn1.running_mean[[1, 4]])
+    # The mask and the silenced filters were written to the reference's own tensors only.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    weights = {k: v for k, v in before.items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(weights[k], original.state_dict()[k]) for k in weights)
 
 
 def test_cancel_stops_between_batches_and_restores_momentum() -> None:

@@ -4,6 +4,7 @@ cancel a fine-tune), jobs, error paths, the shared checkpoint, and SVG snapshots
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pilot_support import make_config, settle
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static
 from torch import nn
+from torch.utils.data import Subset
 
 from engine.common.errors import ConfigError
 from engine.gkp.layers import discover_layers
@@ -320,6 +322,65 @@ async def test_jobs_evaluate_and_finetune(checkpoint: Path) -> None:
         assert loss[0] and loss[0][-1] == pytest.approx(1.0)
         accuracy = app.screen.query_one("#acc-plot", CurvePlot).series
         assert accuracy["val benign"][0] == [1.0]
+
+
+async def test_in_train_pruning_and_adasap_from_the_tui(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ITP chosen in the form trains, deploys and replays its masks; a bad value is one
+    notification; AdaSAP's warmup makes the next pruning progressive, with sharpness traced."""
+    from engine import pipeline
+
+    real = pipeline.load_data
+
+    def small(*args: Any, **kwargs: Any) -> Any:
+        bundle = real(*args, **kwargs)
+        return dataclasses.replace(bundle, train=Subset(bundle.train, range(128)), val=Subset(bundle.val, range(32)))
+
+    monkeypatch.setattr(pipeline, "load_data", small)
+    app = WorkbenchApp(make_config(checkpoint, **{
+        "itp.epochs": 1, "itp.hw_weight": 2e5, "warmup.epochs": 1, "warmup.pruning_epochs": 1, "warmup.prune_frequency": 4,
+        "sharpness.images": 32, "sharpness.steps": 1, "itp.adversarial": False,
+    }))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        screen = app.screen
+        assert isinstance(screen, PruneScreen)
+        screen.query_one("#field-prune-method", Select).value = "itp"
+        screen.query_one("#field-itp-epochs", Input).value = "0"
+        await pilot.pause()
+        assert "itp.epochs" in str(screen.query_one("#form-status", Static).render())
+        await pilot.press("ctrl+r")
+        assert app.latest_job("prune") is None and any("itp.epochs" in n.message for n in app._notifications)
+        screen.query_one("#field-itp-epochs", Input).value = "1"
+        await pilot.pause()
+        assert "grouped-kernel masks" in str(screen.query_one("#form-status", Static).render())
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        plan = app.session.plan
+        assert plan is not None and plan.method == "itp" and plan.params["granularity"] == "grouped-kernel"
+        assert "✓" in str(screen.query_one("#prune-checks", Static).render())
+        app.open_decisions("layer1.0.conv1")
+        await pilot.pause()
+        decisions = app.screen
+        assert isinstance(decisions, DecisionScreen)
+        view = decisions.query_one(StepperView)
+        assert view.frame is not None and view.frame.stage == "ITP mask"
+        await pilot.press("end")
+        assert view.frame.kept == tuple(tuple(k) for k in plan.layer("layer1.0.conv1").kept_channels)
+        assert view.query_one("#stepper-table", DataTable).row_count == 8  # one row per filter group
+
+        await pilot.press("escape", "j", "w")
+        await settle(app, pilot)
+        assert app.latest_job("warmup").status == DONE and app.session.warmed is not None  # type: ignore[union-attr]
+        await pilot.press("p")
+        app.screen.query_one("#field-prune-method", Select).value = "sr-gkp"
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert app.latest_job("prune").status == DONE  # type: ignore[union-attr]
+        kinds = {e.kind for e in app.session.events}
+        assert {"rho_epoch", "progressive_prune", "sharpness", "final_choice"} <= kinds
+        assert [e.when for e in app.session.events if e.kind == "sharpness"] == ["before_prune", "after_prune"]
 
 
 async def test_without_data_pruning_works_and_data_jobs_say_what_is_missing(checkpoint: Path) -> None:

@@ -146,7 +146,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for action in parser_actions:
         assert "".join(action.help.split()) in text
         assert "(default: " in action.help, action.option_strings
-    assert "--method{sr-gkp,tmi-gkp}pruningmethod(default:sr-gkp)" in text
+    assert "--method{sr-gkp,tmi-gkp,itp,l1-filter}pruningmethod(default:sr-gkp)" in text
 
 
 def _printed(events: list[tuple[str, Progress]], tty: bool) -> str:
@@ -289,6 +289,12 @@ def test_missing_normalisation_and_snapshots(shared_checkpoint: Path, shared_cif
     code, _, stderr = run(["--batch", "--method", "tmi-gkp", "--stages", "prune", "--snapshots",
                            str(tmp_path), "--out", str(out)], capsys)
     assert code == 2 and "snapshot" in stderr and not out.exists()
+    # In-train pruning trains inside the prune stage: it needs data and the normalisation too.
+    itp = [str(shared_checkpoint), "--batch", "--method", "itp", "--stages", "prune", "--out", str(out)]
+    code, _, stderr = run(itp, capsys)
+    assert code == 2 and "in-train pruning needs data" in stderr and not out.exists()
+    code, _, stderr = run([*itp, "--data", shared_cifar], capsys)
+    assert code == 2 and "normalisation" in stderr and not out.exists()
 
 
 def test_existing_output_needs_force(tmp_path: Path, quick_config: Path, capsys: pytest.CaptureFixture[str]) -> None:

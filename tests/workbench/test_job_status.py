@@ -86,7 +86,7 @@ async def test_failure_stops_the_bar_and_the_tmi_form_checks_snapshots(
     """A failed prune left the bar animating; with TMI the form said "✓ 18 of 19 convs will be
     pruned" for an empty or missing snapshots path, and the failure said "pass --snapshots DIR"."""
 
-    def failing(ws: Any, progress: Any, cancel: Any) -> None:
+    def failing(ws: Any, model: Any, progress: Any, cancel: Any) -> None:
         progress(Progress("plan", 0, None, "planning"))
         raise WorkbenchError("the plan could not be made")
 

@@ -73,7 +73,7 @@ def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path,
     original = ws.model
     mode = original.training
     ids.add(id(original))
-    pruned = tasks.prune_model(ws, _progress, threading.Event()).outcome.model
+    pruned = tasks.prune_model(ws, None, _progress, threading.Event()).outcome.model
     ids.add(id(pruned))
     shared = {"unpruned": original, "pruned": pruned}
     before = {label: {k: v.clone() for k, v in m.state_dict().items()} for label, m in shared.items()}
@@ -88,7 +88,7 @@ def test_prune_and_evaluate_jobs_leave_the_shared_models_alone(checkpoint: Path,
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             failures.append(exc)
 
-    threads = [threading.Thread(target=job, args=(lambda: tasks.prune_model(ws, _progress, threading.Event()),)),
+    threads = [threading.Thread(target=job, args=(lambda: tasks.prune_model(ws, None, _progress, threading.Event()),)),
                threading.Thread(target=job, args=(lambda: tasks.evaluate_models(ws, shared, _relay(),
                                                                                threading.Event()),))]
     for thread in threads:

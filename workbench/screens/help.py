@@ -14,8 +14,8 @@ INTRO = """\
 **Overview** (`o`) shows the model and its convs; select a layer to open the **inspector**
 (kernel-smoothness heatmap, filter profile, filter groups). After pruning, `d` in the inspector
 opens the **decision stepper**, which replays every decision the pruning made for that layer.
-**Prune** (`p`) holds the settings form and runs pruning; **Jobs** (`j`) runs fine-tuning and
-robustness evaluation in the background. Both have the **data** field (`digits`,
+**Prune** (`p`) holds the settings form and runs pruning; **Jobs** (`j`) runs AdaSAP's warmup,
+fine-tuning and robustness evaluation in the background. Both have the **data** field (`digits`,
 `cifar10:PATH`, `imagefolder:PATH`; data the model cannot have been trained on is refused).
 `ctrl+o` opens another checkpoint. Every action is also in the command palette (`ctrl+p`).
 """

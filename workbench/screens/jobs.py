@@ -1,6 +1,6 @@
-"""Jobs: launch fine-tuning and robustness evaluation in the background (the evaluation form:
-examples, attacks, probes; the data field), follow their progress, live training curves, and
-the attack results of every model side by side as they finish."""
+"""Jobs: launch AdaSAP's warmup, fine-tuning and robustness evaluation in the background (the
+evaluation form: examples, attacks, probes; the data field), follow their progress, live training
+curves, and the attack results of every model side by side as they finish."""
 
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def fit_columns(table: DataTable[Any], rows: list[list[Any]], flexible: tuple[in
     for column, width in zip(columns, widths):
         column.auto_width, column.width = False, width
     return [[_cut(cell, widths[i]) if i in flexible else cell for i, cell in enumerate(r)] for r in rows]
+WARMUP_FIELD = FormField("warmup.epochs", "Warmup epochs", "int")
 
 
 def accuracy_rows(evaluations: dict[str, "Evaluation"]) -> tuple[list[str], dict[str, list[float]]]:
@@ -123,6 +124,7 @@ class JobsScreen(Screen[None]):
     BINDINGS = [
         Binding("f", "finetune", "Fine-tune"),
         Binding("e", "evaluate", "Evaluate"),
+        Binding("w", "warmup", "AdaSAP warmup"),
         Binding("t", "tab('tab-training')", "Training tab"),
         Binding("r", "tab('tab-robustness')", "Robustness tab"),
         Binding("ctrl+g", "app.cancel_jobs", "Cancel jobs"),
@@ -147,12 +149,14 @@ class JobsScreen(Screen[None]):
             yield Label("mode", classes="inline-label")
             yield Select([(m, m) for m in MODES], value=config.finetune.mode, allow_blank=False, id="ft-mode", compact=True)
             yield Input(placeholder="output folder (optional)", id="ft-out", compact=True)
+            yield Button("Warmup w", id="job-warmup", compact=True)
+            yield Input(str(self.app.config.warmup.epochs), id="warmup-epochs", compact=True, tooltip="warmup epochs")
         with Horizontal(id="eval-controls", classes="button-row"):
             yield Button("Evaluate e", id="job-evaluate", compact=True)
             yield Label("examples", classes="inline-label")
             yield Input(str(examples), id="ev-examples", compact=True)
-            yield Checkbox("frequency probe", False, id="ev-frequency", compact=True)
-            yield Checkbox("corruption probe", False, id="ev-corruption", compact=True)
+            yield Checkbox("freq. probe", False, id="ev-frequency", compact=True)
+            yield Checkbox("corr. probe", False, id="ev-corruption", compact=True)
             yield Button("Cancel ^g", id="job-cancel", compact=True)
         with Horizontal(id="eval-attacks", classes="button-row"):
             yield Label("attacks", classes="inline-label")
@@ -230,6 +234,15 @@ class JobsScreen(Screen[None]):
             return
         self.action_tab("tab-robustness")
         self.app.start_evaluate(settings)
+
+    @on(Button.Pressed, "#job-warmup")
+    def action_warmup(self) -> None:
+        try:
+            epochs = parse_field(WARMUP_FIELD, self.query_one("#warmup-epochs", Input).value)
+        except ConfigError as exc:
+            self.notify(str(exc), title="Warmup", severity="error")
+            return
+        self.app.start_warmup(epochs)
 
     @on(Button.Pressed, "#job-cancel")
     def _cancel(self) -> None:

@@ -128,7 +128,7 @@ class PruneScreen(Screen[None]):
     def _field_widget(self, field: FormField) -> Input | Select[str]:
         config = self.app.config
         text = field_text(config, field)
-        if field.kind == "choice":
+        if field.kind in ("choice", "bool"):
             options = [(option, option) for option in field.options]
             if field.optional:
                 options.insert(0, ("(the method's)", DEFAULT_CHOICE))
@@ -175,8 +175,19 @@ class PruneScreen(Screen[None]):
         if ws is None:
             status.update(Text(f"settings are valid{extra}", style="green"))
             return
+        method = config.prune.method
+        if method == "l1-filter":
+            status.update(Text("✓ L1-norm filter pruning, MAC-matched to GKP at this rate", style="green"))
+            return
+        if method == "itp" and config.itp.granularity != "grouped-kernel":
+            config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, groups=1))
         layers = dataclasses.replace(ws, config=config).layers()
         eligible = [layer for layer in layers if layer.eligible]
+        if method == "itp":
+            training = "FastAT" if config.itp.adversarial else "clean"
+            status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs get {config.itp.granularity} masks; "
+                               f"{config.itp.epochs} epochs of {training} training", style="green"))
+            return
         status.update(Text(f"✓ {len(eligible)} of {len(layers)} convs will be pruned{extra}", style="green"))
 
     @on(Button.Pressed, "#prune-run")
@@ -230,7 +241,8 @@ class PruneScreen(Screen[None]):
             return
         before, after = outcome.cost_before, outcome.cost_after
         table.add_row("params", human_count(before.params), human_count(after.params), _change(before.params, after.params))
-        table.add_row("MACs", human_count(before.macs), human_count(after.macs), _change(before.macs, after.macs))
+        macs = after.macs if outcome.effective_macs is None else outcome.effective_macs  # of kept weights
+        table.add_row("MACs", human_count(before.macs), human_count(macs), _change(before.macs, macs))
         original, pruned = outcome.latency["original"], outcome.latency["pruned"]
         verdict = outcome.latency_verdict
         table.add_row(
@@ -251,13 +263,14 @@ class PruneScreen(Screen[None]):
         layers = outcome.deploy.get("layers", {})
         grouped = [name for name, layer in layers.items() if layer["form"] == "grouped"]
         forms = f" — grouped: {', '.join(grouped)}" if grouped and len(grouped) < len(layers) else ""
+        dense_note = "narrower convs: filters removed" if plan.filters else "dense keeps the zeros"
         checks.update(Text.assemble(
             ("✓ " if ok else "✗ ", "bold green" if ok else "bold red"),
             f"equivalence: max |Δ| {error:.2e} vs the masked dense model on {outcome.equivalence_input}\n",
-            f"{plan.method}: {len(plan.layers)} convs pruned, {len(plan.skipped)} skipped, "
+            f"{plan.method}: {plan.pruned_count} convs pruned, {len(plan.skipped)} skipped, "
             f"planned in {outcome.seconds:.2f} s\n",
             f"deployed ({outcome.deploy.get('form')}): {counts.get('grouped', 0)} grouped, "
-            f"{counts.get('dense', 0)} dense (dense keeps the zeros){forms}; latency {verdict} "
+            f"{counts.get('dense', 0)} dense ({dense_note}){forms}; latency {verdict} "
             f"over {original.rounds} interleaved rounds",
             *((f"\n⚠ {warning}", "bold yellow") for warning in outcome.warnings),
         ))
