@@ -287,7 +287,6 @@ def test_same_set_scores_equal_whatever_its_build_order():
     by_set: dict[tuple, set] = {}
     for members, score in zip(results.members, results.scores):
         by_set.setdefault(tuple(sorted(members)), set()).add(score)
-    assert any(len(s) for s in by_set.values())
     assert all(len(scores) == 1 for scores in by_set.values())
     assert len(by_set) < len(results.members)  # several starts did converge to the same set
 
