@@ -140,9 +140,18 @@ def test_tmi_weighting_follows_compat():
         plan_pruning(model, PruneConfig(method="tmi-gkp", ticket_window=(5, 5), compat=compat, tmi_alpha=0.25),
                      snapshots=snapshots, on_event=events.append)
         ticket = next(e for e in events if e.kind == "tmi_ticket")
-        expected = [(m + 0.25 * v) if compat == "paper" else (0.25 * m + v)
-                    for m, v in zip(ticket.rank_mean, ticket.rank_var)]
-        assert list(ticket.score) == expected
+        # ranks recomputed here from the gap statistics (1 = smallest, ties share their mean rank)
+        rank_mean, rank_var = average_ranks(ticket.gap_mean), average_ranks(ticket.gap_var)
+        assert (list(ticket.rank_mean), list(ticket.rank_var)) == (rank_mean, rank_var)
+        assert len(set(ticket.gap_mean)) > 1 and len(set(ticket.gap_var)) > 1  # the ranks tell schemes apart
+        expected = [(m + 0.25 * v) if compat == "paper" else (0.25 * m + v) for m, v in zip(rank_mean, rank_var)]
+        assert list(ticket.score) == pytest.approx(expected)
+        assert ticket.winner == ticket.schemes[expected.index(min(expected))]
+
+
+def average_ranks(values) -> list[float]:
+    """Rank 1 for the smallest value; tied values share the mean of the ranks they span."""
+    return [1 + sum(u < v for u in values) + (sum(u == v for u in values) - 1) / 2 for v in values]
 
 
 class OneAtATime(Mapping):
