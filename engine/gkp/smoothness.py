@@ -21,11 +21,11 @@ def _as_tensor(weight: torch.Tensor | np.ndarray) -> torch.Tensor:
 def kernel_smoothness(weight: torch.Tensor | np.ndarray, power: float = 2.0) -> torch.Tensor:
     """`C_out x C_in` matrix of `sum_cell sum_nbr |w[nbr]^p - w[cell]^p|` (no padding, both
     directions counted). Returned as float64 on the CPU."""
-    if power not in (1, 2, 1.0, 2.0):
+    if power not in (1, 2):  # 1.0 and 2.0 compare equal
         raise ValueError(f"smoothness power must be 1 or 2, got {power}")
     wp = _as_tensor(weight).cpu() ** int(power)
-    kh, kw = wp.shape[-2:]
-    total = torch.zeros(wp.shape[:2], dtype=torch.float64)
+    c_out, c_in, kh, kw = wp.shape
+    total = torch.zeros((c_out, c_in), dtype=torch.float64)
     for dy, dx in _OFFSETS:
         if dy >= kh or abs(dx) >= kw:
             continue

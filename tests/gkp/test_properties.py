@@ -15,7 +15,7 @@ from torch import nn
 from engine.gkp.grouping import smoothness_snaking, snake_deal
 from engine.gkp.reconstruct import apply_plan, equivalence_error, masked_dense
 from engine.gkp.selection import greedy_select, grouped_kernels, kernel_distances, smooth_beam_select
-from engine.gkp.smoothness import kernel_smoothness
+from engine.gkp.smoothness import filter_smoothness, grouped_kernel_smoothness, kernel_smoothness
 
 FAST = settings(derandomize=True, max_examples=40, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
@@ -31,7 +31,12 @@ def weights(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 def test_smoothness_invariants(seed: int, out: int, inp: int, k: int, power: int, scale: float) -> None:
     w = weights(seed, (out, inp, k, k))
     heat = kernel_smoothness(w, power)
-    assert heat.shape == (out, inp) and bool((heat >= 0).all())
+    assert heat.shape == (out, inp) and heat.dtype == torch.float64 and bool((heat >= 0).all())
+    assert torch.equal(filter_smoothness(w, power), heat.sum(dim=1))
+    groups = [[f] for f in range(out)][::-1]
+    assert torch.equal(grouped_kernel_smoothness(w, groups, power), heat.flip(0))
+    single = kernel_smoothness(w.float(), power)  # float32 weights are measured in float64
+    assert single.dtype == torch.float64 and torch.equal(single, kernel_smoothness(w.float().double(), power))
     for same in (w.flip(-1), w.flip(-2), w.transpose(-1, -2)):  # mirror images and the transpose
         assert torch.allclose(kernel_smoothness(same, power), heat, rtol=1e-9, atol=1e-12)
     assert torch.allclose(kernel_smoothness(scale * w, power), scale**power * heat, rtol=1e-9, atol=1e-12)
