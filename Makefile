@@ -31,13 +31,23 @@ test: $(STAMP)
 coverage: $(STAMP)
 	$(BIN)/python -m pytest -q --cov=engine --cov=widgets --cov=workbench --cov-report=term-missing:skip-covered
 
-## Mutation testing of the algorithm core (mutmut; slow, not in CI). One module at a time:
-## `make mutate MODULE=smoothness` (grouping, tmi, selection, search, reconstruct); no MODULE: all.
+## Mutation testing of the algorithm core (mutmut; slow, not in CI), one module at a time:
+## `make mutate MODULE=smoothness` (or grouping, tmi, selection, search, reconstruct).
 ## PYTHONPATH is cleared so the tests import the mutated copy under mutants/, not this tree.
-MODULE ?=
+## Each module's mutants run against that module's own tests (GKP_MUTATE_TESTS, read by
+## tests/conftest.py); the coverage stats are redone whenever the module changes.
+MODULE ?= smoothness
+PROPS := tests/gkp/test_properties.py
+TESTS_smoothness := tests/gkp/test_smoothness.py $(PROPS)
+TESTS_grouping := tests/gkp/test_grouping.py $(PROPS)
+TESTS_tmi := tests/gkp/test_tmi.py
+TESTS_selection := tests/gkp/test_selection.py $(PROPS)
+TESTS_search := tests/gkp/test_selection.py
+TESTS_reconstruct := tests/gkp/test_reconstruct.py $(PROPS)
 mutate: $(STAMP)
-	env -u PYTHONPATH $(BIN)/mutmut run --max-children 2 $(if $(MODULE),"engine.gkp.$(MODULE).*")
-	env -u PYTHONPATH $(BIN)/mutmut results
+	rm -f mutants/mutmut-stats.json
+	env -u PYTHONPATH GKP_MUTATE_TESTS="$(TESTS_$(MODULE))" $(BIN)/mutmut run --max-children 2 "engine.gkp.$(MODULE).*"
+	env -u PYTHONPATH $(BIN)/mutmut results --all true | grep "engine.gkp.$(MODULE)\." | sed 's/.*: //' | sort | uniq -c
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

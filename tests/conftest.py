@@ -3,6 +3,7 @@ seeded torch RNG for every test, and the `cuda` marker's skip on machines withou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,13 @@ SHARED_CIFAR = SHARED / "data" / "cifar10-subset"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` skip on a machine without a CUDA device."""
+    """Tests marked `cuda` skip on a machine without a CUDA device. Under `make mutate` the
+    environment's GKP_MUTATE_TESTS (test files, space-separated) keeps only a module's own tests."""
+    own = os.environ.get("GKP_MUTATE_TESTS", "").split()
+    if own:
+        kept = [item for item in items if any(item.nodeid.startswith(path) for path in own)]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

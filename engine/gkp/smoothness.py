@@ -27,11 +27,12 @@ def kernel_smoothness(weight: torch.Tensor | np.ndarray, power: float = 2.0) -> 
     c_out, c_in, kh, kw = wp.shape
     total = torch.zeros((c_out, c_in), dtype=torch.float64)
     for dy, dx in _OFFSETS:
-        if dy >= kh or abs(dx) >= kw:
-            continue
-        a = wp[..., : kh - dy, max(0, -dx) : kw - max(0, dx)]
-        b = wp[..., dy:, max(0, dx) : kw + min(0, dx)]
-        total += (a - b).abs().sum(dim=(-2, -1))
+        # Every pair (cell, cell + (dy, dx)) inside the kernel: a `rows x cols` window and its
+        # shifted copy, empty when the kernel is too small for the offset.
+        rows, cols, left = kh - dy, kw - abs(dx), max(0, -dx)
+        a = wp[:, :, :rows, left : left + cols]
+        b = wp[:, :, dy:, left + dx : left + dx + cols]
+        total += (a - b).abs().sum(dim=(2, 3))
     return 2.0 * total
 
 
