@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_reconstruct import random_plan, randomize_bn
 from torch import nn
 
-from engine.gkp.grouping import smoothness_snaking, snake_deal
+from engine.gkp.grouping import filter_signed_sums, magnitude_snaking, smoothness_snaking, snake_deal
 from engine.gkp.reconstruct import apply_plan, equivalence_error, masked_dense
 from engine.gkp.selection import greedy_select, grouped_kernels, kernel_distances, smooth_beam_select
 from engine.gkp.smoothness import filter_smoothness, grouped_kernel_smoothness, kernel_smoothness
@@ -113,3 +113,23 @@ def test_grouped_equals_masked_on_random_nets_and_plans(seed: int, groups: int, 
     x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(seed % 1000))
     for form in ("grouped", "dense"):
         assert equivalence_error(apply_plan(model, plan, form=form), masked_dense(model, plan), x) < 1e-4
+
+
+def test_snaking_ranks_in_float64_and_keeps_ties_in_filter_order() -> None:
+    # Ties in a long key (where numpy's default sort is not stable) keep filter order.
+    values = np.random.default_rng(0).integers(0, 2, 256)
+    order = snake_deal(values, 4).order
+    assert order == sorted(range(256), key=lambda f: (values[f], f))
+    # Unsigned keys rank largest first without wrapping round, and ranks carry float keys.
+    result = snake_deal(np.array([0, 3, 1, 2], dtype=np.uint8), 2, descending=True)
+    assert result.order == [1, 3, 2, 0] and result.values == [3.0, 2.0, 1.0, 0.0]
+    # Row sums in float64: a float32 heatmap whose rows tie only when summed exactly.
+    heat = np.array([[2.0**24 + 2, 0, 0], [2.0**24, 1, 1]], dtype=np.float32)
+    assert smoothness_snaking(heat, 2).filter_groups == [[0], [1]]
+
+
+def test_magnitude_key_is_each_filters_signed_sum_in_float64() -> None:
+    weight = torch.tensor([[[[2.0**24]], [[1.0]], [[1.0]]], [[[-1.0]], [[0.5]], [[0.25]]]], dtype=torch.float32)
+    sums = filter_signed_sums(weight)
+    assert sums.dtype == np.float64 and sums.tolist() == [2.0**24 + 2, -0.25]
+    assert magnitude_snaking(weight, 2).filter_groups == [[0], [1]]
