@@ -27,9 +27,12 @@ tui: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## Line coverage of the whole suite (pytest-cov), per module, missing lines listed.
+## Line coverage of the whole suite (pytest-cov), per module, missing lines listed. The two
+## tests that interrupt a child process while it imports are left out: under coverage the
+## child's import-time lines they wait for never match, so the child runs to the end.
 coverage: $(STAMP)
-	$(BIN)/python -m pytest -q --cov=engine --cov=widgets --cov=workbench --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest -q --cov=engine --cov=widgets --cov=workbench --cov-report=term-missing:skip-covered \
+		--deselect "tests/workbench/test_fuzz_batch.py::test_interrupt_while_importing_exits_130"
 
 ## Mutation testing of the algorithm core (mutmut; slow, not in CI), one module at a time:
 ## `make mutate MODULE=smoothness` (or grouping, tmi, selection, search, reconstruct).

@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     environment's GKP_MUTATE_TESTS (test files, space-separated) keeps only a module's own tests."""
     own = os.environ.get("GKP_MUTATE_TESTS", "").split()
     if own:
-        kept = [item for item in items if any(item.nodeid.startswith(path) for path in own)]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
+        kept = [item.nodeid.startswith(tuple(own)) for item in items]
+        config.hook.pytest_deselected(items=[item for item, keep in zip(items, kept) if not keep])
+        items[:] = [item for item, keep in zip(items, kept) if keep]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

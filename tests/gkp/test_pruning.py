@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from test_tmi import average_ranks
 from torch import nn
 
 from engine.common.errors import Cancelled, CheckpointError, ConfigError, SnapshotError
@@ -148,11 +149,6 @@ def test_tmi_weighting_follows_compat():
         expected = [(m + 0.25 * v) if compat == "paper" else (0.25 * m + v) for m, v in zip(rank_mean, rank_var)]
         assert list(ticket.score) == pytest.approx(expected)
         assert ticket.winner == ticket.schemes[expected.index(min(expected))]
-
-
-def average_ranks(values) -> list[float]:
-    """Rank 1 for the smallest value; tied values share the mean of the ranks they span."""
-    return [1 + sum(u < v for u in values) + (sum(u == v for u in values) - 1) / 2 for v in values]
 
 
 class OneAtATime(Mapping):
