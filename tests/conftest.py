@@ -3,6 +3,7 @@ seeded torch RNG for every test, and the `cuda` marker's skip on machines withou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,13 @@ SHARED_CIFAR = SHARED / "data" / "cifar10-subset"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` skip on a machine without a CUDA device."""
+    """Tests marked `cuda` skip on a machine without a CUDA device. Under `make mutate` the
+    environment's GKP_MUTATE_TESTS (test files, space-separated) keeps only a module's own tests."""
+    own = os.environ.get("GKP_MUTATE_TESTS", "").split()
+    if own:
+        kept = [item.nodeid.startswith(tuple(own)) for item in items]
+        config.hook.pytest_deselected(items=[item for item, keep in zip(items, kept) if not keep])
+        items[:] = [item for item, keep in zip(items, kept) if keep]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

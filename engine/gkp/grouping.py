@@ -10,6 +10,8 @@ import torch
 
 from ..common.errors import ConfigError
 
+_STABLE = "stable"  # pragma: no mutate (numpy reads the kind case-insensitively: "STABLE" is the same sort)
+
 
 @dataclass(frozen=True)
 class SnakeResult:
@@ -33,7 +35,7 @@ def snake_deal(values: np.ndarray, groups: int, *, descending: bool = False) -> 
     ranks 0..n-1 to groups 0..n-1, ranks n..2n-1 to groups n-1..0, and so on."""
     values = np.asarray(values, dtype=np.float64)
     check_divisible(len(values), groups)
-    order = np.argsort(-values if descending else values, kind="stable")
+    order = np.argsort(-values if descending else values, kind=_STABLE)
     ranks = np.arange(len(values))
     lap, position = np.divmod(ranks, groups)
     group_of_rank = np.where(lap % 2 == 0, position, groups - 1 - position)
@@ -49,8 +51,7 @@ def smoothness_snaking(heat: np.ndarray, groups: int) -> SnakeResult:
 
 def filter_signed_sums(weight: torch.Tensor) -> np.ndarray:
     """Signed sum of each filter's weights, the magnitude-snaking key."""
-    array = weight.detach().cpu().numpy().astype(np.float64)
-    return array.reshape(array.shape[0], -1).sum(axis=1)
+    return np.asarray(weight.detach().cpu(), dtype=np.float64).sum(axis=(1, 2, 3))
 
 
 def magnitude_snaking(weight: torch.Tensor, groups: int) -> SnakeResult:
@@ -61,7 +62,7 @@ def magnitude_snaking(weight: torch.Tensor, groups: int) -> SnakeResult:
 def random_grouping(out_channels: int, groups: int, rng: np.random.Generator) -> list[list[int]]:
     """Seeded random partition into equal groups, each ascending, ordered by first filter."""
     check_divisible(out_channels, groups)
-    perm = rng.permutation(out_channels).reshape(groups, -1)
+    perm = rng.permutation(out_channels).reshape(groups, out_channels // groups)
     return sorted(sorted(row.tolist()) for row in perm)
 
 

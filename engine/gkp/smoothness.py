@@ -21,17 +21,18 @@ def _as_tensor(weight: torch.Tensor | np.ndarray) -> torch.Tensor:
 def kernel_smoothness(weight: torch.Tensor | np.ndarray, power: float = 2.0) -> torch.Tensor:
     """`C_out x C_in` matrix of `sum_cell sum_nbr |w[nbr]^p - w[cell]^p|` (no padding, both
     directions counted). Returned as float64 on the CPU."""
-    if power not in (1, 2, 1.0, 2.0):
+    if power not in (1, 2):  # 1.0 and 2.0 compare equal
         raise ValueError(f"smoothness power must be 1 or 2, got {power}")
     wp = _as_tensor(weight).cpu() ** int(power)
-    kh, kw = wp.shape[-2:]
-    total = torch.zeros(wp.shape[:2], dtype=torch.float64)
+    c_out, c_in, kh, kw = wp.shape
+    total = torch.zeros((c_out, c_in), dtype=torch.float64)
     for dy, dx in _OFFSETS:
-        if dy >= kh or abs(dx) >= kw:
-            continue
-        a = wp[..., : kh - dy, max(0, -dx) : kw - max(0, dx)]
-        b = wp[..., dy:, max(0, dx) : kw + min(0, dx)]
-        total += (a - b).abs().sum(dim=(-2, -1))
+        # Every pair (cell, cell + (dy, dx)) inside the kernel: a `rows x cols` window and its
+        # shifted copy, empty when the kernel is too small for the offset.
+        rows, cols, left = kh - dy, kw - abs(dx), max(0, -dx)
+        a = wp[:, :, :rows, left : left + cols]
+        b = wp[:, :, dy:, left + dx : left + dx + cols]
+        total += (a - b).abs().sum(dim=(2, 3))
     return 2.0 * total
 
 

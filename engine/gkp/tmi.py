@@ -4,6 +4,7 @@ choosing the scheme for the layer."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def tmi_filter_scores(final: np.ndarray, tickets: np.ndarray) -> np.ndarray:
 def gap_statistics(group_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaps between consecutive group scores sorted descending (last axis), their mean and
     population variance (0 when there is a single group)."""
-    ordered = -np.sort(-group_scores, axis=-1)
+    ordered = -np.sort(-group_scores)  # along the last axis
     gaps = ordered[..., :-1] - ordered[..., 1:]
     if gaps.shape[-1] == 0:
         zeros = np.zeros(gaps.shape[:-1])
@@ -67,11 +68,11 @@ def rank_schemes(gap_mean: np.ndarray, gap_var: np.ndarray, alpha: float,
     `R(mean) + alpha*R(var)` (`paper`) or `alpha*R(mean) + R(var)` (`reference`)."""
     from scipy.stats import rankdata  # scipy.stats takes a third of a second to import
 
-    rank_mean = rankdata(gap_mean, method="average", axis=-1)
-    rank_var = rankdata(gap_var, method="average", axis=-1)
-    if weighting == "reference":
-        return rank_mean, rank_var, alpha * rank_mean + rank_var
-    return rank_mean, rank_var, rank_mean + alpha * rank_var
+    rank_mean = rankdata(gap_mean, axis=-1)  # scipy's default method: ties share the average rank
+    rank_var = rankdata(gap_var, axis=-1)
+    if weighting == "paper":
+        return rank_mean, rank_var, rank_mean + alpha * rank_var
+    return rank_mean, rank_var, alpha * rank_mean + rank_var
 
 
 def score_tickets(filter_scores: np.ndarray, clusterings: Sequence[Sequence[Sequence[int]]],
@@ -96,10 +97,8 @@ def tally_votes(winners: Sequence[int], n_schemes: int) -> VoteResult:
     scheme."""
     tally = np.bincount(np.asarray(winners, dtype=np.int64), minlength=n_schemes)
     longest = np.zeros(n_schemes, dtype=np.int64)
-    run = 0
-    for index, winner in enumerate(winners):
-        run = run + 1 if index and winners[index - 1] == winner else 1
-        longest[winner] = max(longest[winner], run)
+    for winner, streak in itertools.groupby(winners):
+        longest[winner] = max(longest[winner], len(list(streak)))
     contenders = np.flatnonzero(tally == tally.max())
     best = contenders[np.argmax(longest[contenders])]
     return VoteResult(tally.tolist(), longest.tolist(), int(best))

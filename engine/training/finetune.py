@@ -329,7 +329,7 @@ class _Run:
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
 
     def _loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy of `net` on the batch, and its logits."""

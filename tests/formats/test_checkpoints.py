@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -193,31 +194,34 @@ def make_rebuilt(width):
 
 @pytest.fixture
 def pickled_model_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Whole-model pickles of a class from a temporary module that is then made unimportable;
-    yields (model path, factory-pickle path, marker path, original state dict, module dir, name)."""
-    name = "ticket_model_" + "".join(c for c in tmp_path.name if c.isalnum())
+    """Whole-model pickles of a class from a temporary module that stays importable (so a loader
+    that imported it would write the marker) but is not imported when the test starts; yields
+    (model path, factory-pickle path, marker path, original state dict, module dir, name). The
+    name is unique per call, so no earlier import in this process can stand in for this one."""
+    name = "ticket_model_" + uuid.uuid4().hex
     src = tmp_path / "src"
     src.mkdir()
     marker = tmp_path / "imported.marker"
     (src / f"{name}.py").write_text(textwrap.dedent(PICKLED_MODULE.format(marker=str(marker))))
     monkeypatch.syspath_prepend(str(src))
     module = importlib.import_module(name)
+    assert marker.exists()  # importing the module is what writes the marker
     torch.manual_seed(2)
     model = torch.nn.DataParallel(module.TicketResNet())
     state = {k.removeprefix("module."): v.clone() for k, v in model.state_dict().items()}
     model_path, factory_path = tmp_path / "whole.pt", tmp_path / "factory.pt"
     torch.save(model, model_path)
     torch.save(module.Rebuilt(), factory_path)
-    sys.path.remove(str(src))
     del sys.modules[name]
     marker.unlink()
-    return model_path, factory_path, marker, state, src, name
+    yield model_path, factory_path, marker, state, src, name
+    sys.modules.pop(name, None)
 
 
 def test_restricted_unpickler_recovers_tensors_without_importing(pickled_model_files) -> None:
     model_path, _, marker, state, _, name = pickled_model_files
     loaded = load_checkpoint(model_path)
-    assert not marker.exists() and name not in sys.modules
+    assert not marker.exists() and name not in sys.modules  # importable, yet never imported
     assert loaded.source_format == "pickled model (restricted)"
     assert loaded.arch == RESNET20
     assert "scratch" not in loaded.state_dict  # non-persistent buffers are not weights
@@ -228,15 +232,15 @@ def test_pickle_that_needs_code_asks_for_trust(pickled_model_files) -> None:
     _, factory_path, marker, _, _, name = pickled_model_files
     with pytest.raises(CheckpointError, match=f"cannot be recovered without running the code of {name}.make_rebuilt; allow trusted"):
         load_checkpoint(factory_path)
-    assert not marker.exists()
+    assert not marker.exists() and name not in sys.modules  # importable, yet never imported
 
 
 def test_trusted_unpickle_runs_the_code(pickled_model_files, monkeypatch: pytest.MonkeyPatch) -> None:
     model_path, _, marker, state, src, name = pickled_model_files
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(src)])
     with pytest.raises(CheckpointError, match=f"could not be unpickled even with trust: No module named '{name}'"):
         load_checkpoint(model_path, trust_pickle=True)
     monkeypatch.syspath_prepend(str(src))
-    monkeypatch.delitem(sys.modules, name, raising=False)
     loaded = load_checkpoint(model_path, trust_pickle=True)
     assert marker.exists()  # the full unpickle imported the module
     assert loaded.source_format == "pickled model (trusted)"

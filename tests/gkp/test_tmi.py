@@ -3,12 +3,15 @@ TMI scores, Eq. 4 ranking (both weightings), and the vote with its tie rules."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from engine.gkp.prune_config import SCHEMES
 from engine.gkp.clustering import (
+    SchemeGroups,
     balance_clusters,
     cluster_filters,
     dbscan_near_count,
@@ -140,6 +143,7 @@ def test_score_tickets_constructed_winner():
     result = score_tickets(scores, [skewed, balanced], 0.5)[0]
     assert result.winner == 1
     assert result.gaps[1].tolist() == [0.0, 0.0, 0.0] and result.gaps[0].tolist() == [4.0, 4.0, 4.0]
+    assert result.score.tolist() == [2 + 0.5 * 1.5, 1 + 0.5 * 1.5]  # the paper's weighting by default
     tied = score_tickets(scores, [balanced, balanced], 0.5)[0]
     assert tied.winner == 0  # equal scores: the earliest scheme
 
@@ -178,3 +182,60 @@ def test_tmi_grouping_with_one_scheme_forced_into_the_vote():
     result = tmi_grouping([cluster_filters(weight, "spectral", 2, 0)], [1], scores)
     assert result.scheme == "spectral"
 
+
+
+def average_ranks(values) -> list[float]:
+    """Rank 1 for the smallest value; tied values share the mean of the ranks they span."""
+    return [1 + sum(u < v for u in values) + (sum(u == v for u in values) - 1) / 2 for v in values]
+
+
+def test_tmi_grouping_traces_every_figure_by_hand_with_the_default_weighting():
+    # Filter scores 1..8 for ticket 0, reversed for ticket 1; three schemes of four pairs.
+    scores = np.array([[1.0, 2, 3, 4, 5, 6, 7, 8], [8.0, 7, 6, 5, 4, 3, 2, 1]])
+    found = [SchemeGroups("kpca", [[0, 1], [2, 3], [4, 5], [6, 7]]),
+             SchemeGroups("spectral", [[0, 7], [1, 6], [2, 3], [4, 5]]),
+             SchemeGroups("tsne-dbscan", [[0, 6], [1, 7], [2, 4], [3, 5]], eps=0.25, raw_clusters=5)]
+    for options in ({"layer": "conv"}, {"weighting": "reference"}):
+        check_tmi_trace(found, scores, options)
+
+
+def check_tmi_trace(found, scores, options):
+    layer, weighting = options.get("layer", ""), options.get("weighting", "paper")
+    events = []
+    result = tmi_grouping(found, [35, 36], scores, tracer=Tracer(events.append), **options)
+    clusterings = [e for e in events if isinstance(e, Clustering)]
+    assert [(e.layer, e.scheme, e.filter_groups, e.eps, e.raw_clusters) for e in clusterings] == [
+        (layer, f.scheme, tuple(tuple(g) for g in f.filter_groups), f.eps, f.raw_clusters) for f in found]
+    winners = []
+    for ticket, epoch in zip((e for e in events if isinstance(e, TmiTicket)), [35, 36]):
+        row = scores[[35, 36].index(epoch)]
+        sums = [[float(row[g].sum()) for g in f.filter_groups] for f in found]
+        gaps = [[a - b for a, b in zip(sorted(s)[::-1], sorted(s)[::-1][1:])] for s in sums]
+        means = [sum(g) / 3 for g in gaps]
+        variances = [sum((x - m) ** 2 for x in g) / 3 for g, m in zip(gaps, means)]
+        rank_mean, rank_var = average_ranks(means), average_ranks(variances)
+        score = [(m + 0.5 * v) if weighting == "paper" else (0.5 * m + v)  # alpha 0.5 by default
+                 for m, v in zip(rank_mean, rank_var)]
+        winners.append(found[score.index(min(score))].scheme)
+        assert (ticket.layer, ticket.epoch, ticket.schemes) == (layer, epoch, tuple(f.scheme for f in found))
+        assert ticket.group_scores == tuple(tuple(s) for s in sums)
+        assert ticket.gaps == tuple(tuple(g) for g in gaps)
+        assert ticket.gap_mean == pytest.approx(tuple(means)) and ticket.gap_var == pytest.approx(tuple(variances))
+        assert (ticket.rank_mean, ticket.rank_var) == (tuple(rank_mean), tuple(rank_var))
+        assert ticket.score == pytest.approx(tuple(score)) and ticket.winner == winners[-1]
+    (vote,) = [e for e in events if isinstance(e, TmiVote)]
+    assert (vote.layer, vote.schemes, vote.epochs, vote.votes) == (layer, tuple(f.scheme for f in found), (35, 36),
+                                                                   tuple(winners))
+    tally = [winners.count(f.scheme) for f in found]
+    assert vote.tally == tuple(tally) and vote.winner == result.scheme
+    assert vote.longest_run == tuple(max((len(list(run)) for w, run in itertools.groupby(winners) if w == f.scheme),
+                                         default=0) for f in found)
+
+
+def test_gaps_of_single_groups_and_votes_nobody_got():
+    gaps, mean, var = gap_statistics(np.array([[3.0], [4.0]]))
+    assert gaps.shape == (2, 0) and mean.tolist() == [0.0, 0.0] and var.tolist() == [0.0, 0.0]
+    vote = tally_votes([0, 0], 3)
+    assert vote.tally == [2, 0, 0] and vote.longest_run == [2, 0, 0] and vote.winner == 0
+    assert all(type(v) is int for v in vote.tally + vote.longest_run)  # whole numbers in the trace file
+    assert tally_votes([], 2).tally == [0, 0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from engine.common.errors import ArchitectureError, ConfigError
 from engine.models.architectures import (
@@ -108,9 +109,42 @@ def test_key_names_follow_both_conventions() -> None:
 @pytest.mark.parametrize("naming", ["layer", "stage"])
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_cifar_resnet_forward(naming: str, shortcut: str) -> None:
+    torch.manual_seed(4)
     model = CifarResNet(20, num_classes=7, in_channels=1, naming=naming, shortcut=shortcut).eval()
-    out = model(torch.rand(2, 1, 32, 32))
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
+    # Silence every residual branch (its last BN to zero): each block is then relu(shortcut(x)),
+    # and the network a stem, two shortcuts, a pool and the head, written out here by hand.
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.copy_(torch.rand_like(value) - 0.5)
+        elif key.endswith("running_var"):
+            value.copy_(torch.rand_like(value) + 0.5)
+        elif key.rsplit(".", 1)[0].endswith(("bn2", "bn_b")):
+            value.zero_()
+    model.load_state_dict(state)
+    names = {"layer": ("conv1", "bn1", "layer{}.0", "shortcut", "linear"),
+             "stage": ("conv_1_3x3", "bn_1", "stage_{}.0", "downsample", "classifier")}[naming]
+    stem, stem_bn, first_block, downsample, head = names
+
+    def bn(t: torch.Tensor, prefix: str) -> torch.Tensor:
+        return F.batch_norm(t, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
+                            state[f"{prefix}.weight"], state[f"{prefix}.bias"], False, 0.0, 1e-5)
+
+    h = F.relu(bn(F.conv2d(x, state[f"{stem}.weight"], padding=1), stem_bn))
+    for stage in (2, 3):
+        block = first_block.format(stage)
+        if shortcut == "B":
+            h = bn(F.conv2d(h, state[f"{block}.{downsample}.0.weight"], stride=2), f"{block}.{downsample}.1")
+        else:
+            zeros = torch.zeros_like(h[:, :, ::2, ::2])
+            split = h.shape[1] // 2 if naming == "layer" else 0  # padded on both sides, or appended
+            h = torch.cat([zeros[:, :split], h[:, :, ::2, ::2], zeros[:, split:]], dim=1)
+        h = F.relu(h)
+    expected = F.linear(h.mean(dim=(2, 3)), state[f"{head}.weight"], state[f"{head}.bias"])
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])

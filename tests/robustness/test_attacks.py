@@ -389,9 +389,12 @@ def test_accuracies_are_fractions_of_the_same_examples(digits) -> None:
     images, labels = data.tensors
     with torch.no_grad():
         expected = int((model((images[:77] - 0.3) / 0.4).argmax(1) == labels[:77]).sum())
+    adversarial = adversarial_examples(model, NORM, images[:77], labels[:77], "fgsm:eps=0.05", device="cpu")
+    with torch.no_grad():
+        robust = int((model((adversarial - 0.3) / 0.4).argmax(1) == labels[:77]).sum())
     assert report.clean_correct == expected and report.n_examples == 77
-    assert 0 <= report.attacks[0].accuracy <= 1
-    assert np.isclose(report.attacks[0].accuracy, report.attacks[0].correct / 77)
+    assert report.attacks[0].correct == robust < expected  # the attack ran on those 77 examples
+    assert report.attacks[0].accuracy == pytest.approx(robust / 77)
 
 
 def test_normalized_fgsm_is_pixel_fgsm_on_predicted_labels_image_by_image(digits) -> None:

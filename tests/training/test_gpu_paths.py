@@ -234,3 +234,50 @@ def test_a_gpu_epoch_synchronises_per_epoch_not_per_step(data) -> None:
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert synchronisations(6 * 32) <= synchronisations(2 * 32)
+
+
+# ---- the GPU step's mixed precision, channels-last and compile, run on the CPU --------------------
+
+
+def test_the_bfloat16_channels_last_step_runs_on_the_cpu(data) -> None:
+    """What `amp` and `channels_last` switch on for a CUDA run (they stay off on a CPU run), here
+    forced on for a CPU run: the forward computes in bfloat16 on channels-last inputs, and the
+    epoch's loss stays close to the float32 one."""
+    losses = {}
+    for amp in (False, True):
+        model = bn_cnn()
+        run = _Run(model, data, data.normalization, config(amp=False, augment=False), None, DistContext(), None, None,
+                   None, None)
+        if amp:
+            run.amp_dtype, run.channels_last = torch.bfloat16, True
+            model.to(memory_format=torch.channels_last)
+        seen: list[tuple[torch.dtype, bool]] = []
+        model[3].register_forward_hook(lambda _m, args, out: seen.append(  # 8 channels: the layouts differ
+            (out.dtype, args[0].is_contiguous(memory_format=torch.channels_last))))
+        losses[amp] = run.train_epoch(0).train_loss
+        run.close()
+        assert set(seen) == ({(torch.bfloat16, True)} if amp else {(torch.float32, False)})
+    assert losses[True] == pytest.approx(losses[False], rel=0.05) and losses[True] != losses[False]
+
+
+def test_compiled_fine_tuning_trains_like_the_eager_one(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finetune.compile` through TorchDynamo on a tiny model; the aot_eager backend traces and
+    runs the graphs without Inductor's C++ build (35 s for a tiny model on this CPU)."""
+    compiled_calls: list[str] = []
+    real_compile = torch.compile
+
+    def compile_here(module, **kwargs):
+        compiled_calls.append(type(module).__name__)
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_here)
+    results = {}
+    for compile_ in (False, True):
+        model = bn_cnn()
+        result = finetune(model, data, data.normalization, config(epochs=1, compile=compile_, augment=False), None)
+        results[compile_] = (result.history[0].train_loss, model.state_dict())
+    assert compiled_calls == ["Sequential"]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    eager, compiled = results[False][1], results[True][1]
+    assert eager.keys() == compiled.keys()  # the compiled wrapper leaves the model's own names alone
+    assert all(torch.allclose(eager[k].float(), compiled[k].float(), atol=1e-4) for k in eager)

@@ -5,6 +5,7 @@ cancel a fine-tune), jobs, error paths, the shared checkpoint, and SVG snapshots
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from engine.common.errors import ConfigError
 from engine.gkp.layers import discover_layers
 from engine.gkp.planner import plan_pruning
 from engine.gkp.prune_config import PruneConfig
-from engine.gkp.smoothness import filter_smoothness, kernel_smoothness
 from engine.gkp.traces import BeamCut, TraceEvent
 from engine.models.metrics import count_cost
 from sample_models import SAMPLE_CHECKPOINT, is_sample
@@ -152,15 +152,21 @@ def test_beam_cut_frame_shows_every_candidate() -> None:
 def test_inspect_model_matches_the_engine() -> None:
     model = tiny_model()
     info = inspect_model(model, count_cost(model, (1, 3, 16, 16)), power=2)
-    weight = model[4].weight
+    weight = model[4].weight.detach().double().numpy()
     assert set(info.smoothness) == {"0", "2", "4", "5"}
-    assert np.allclose(info.smoothness["4"], kernel_smoothness(weight).numpy(), rtol=1e-6)
-    assert np.array_equal(info.filter_smoothness["4"], filter_smoothness(weight).numpy())
-    assert info.params["4"] == sum(p.numel() for p in model[4].parameters()) and info.in_channels["4"] == weight.shape[1]
+    # Eq. 1 written out: every cell against its in-kernel 8-neighbours, both directions counted.
+    squared = weight ** 2
+    hand = np.zeros(weight.shape[:2])
+    for r, c, dr, dc in itertools.product(range(3), range(3), (-1, 0, 1), (-1, 0, 1)):
+        if (dr, dc) != (0, 0) and 0 <= r + dr < 3 and 0 <= c + dc < 3:
+            hand += np.abs(squared[:, :, r + dr, c + dc] - squared[:, :, r, c])
+    assert np.allclose(info.smoothness["4"], hand, rtol=1e-6)
+    assert np.allclose(info.filter_smoothness["4"], hand.sum(axis=1), rtol=1e-6)
+    assert info.params["4"] == 32 * 16 * 9 + 32 and info.in_channels["4"] == 16
     plan, _ = plan_with_events(PruneConfig(groups=4))
     rows = {r.name: r for r in layer_rows(discover_layers(model, groups=4), info, plan)}
     assert rows["0"].status == "skipped" and "stem" in (rows["0"].reason or "")
-    assert rows["4"].status == "pruned" and rows["4"].ratio == plan.layer("4").achieved_ratio
+    assert rows["4"].status == "pruned" and rows["4"].ratio == 1 - 9 / 16  # 43.75% of 16 channels: 9 kept
     assert rows["5"].status == "skipped"  # pointwise, left out of this plan
 
 
@@ -313,6 +319,11 @@ async def test_jobs_evaluate_and_finetune(checkpoint: Path) -> None:
         bars = app.screen.query_one(ComparisonBars)
         assert bars.categories[0] == "benign" and list(bars.models) == ["unpruned"]
         assert bars.title_text == "accuracy % on 8 test examples"
+        robustness = app.session.evaluations["unpruned"].robustness
+        shown = [[str(cell) for cell in attacks.get_row_at(i)] for i in range(attacks.row_count)]
+        assert shown == [[label, f"{100 * acc:.1f}"] for label, acc in
+                         [("benign", robustness.clean_acc), *((a.label, a.accuracy) for a in robustness.attacks)]]
+        assert bars.models["unpruned"] == pytest.approx([float(row[1]) for row in shown], abs=0.05)
 
         await pilot.press("f")
         await settle(app, pilot)
@@ -320,8 +331,11 @@ async def test_jobs_evaluate_and_finetune(checkpoint: Path) -> None:
         assert app.session.finetuned is not None and len(app.session.epochs) == 1
         loss = app.screen.query_one("#loss-plot", CurvePlot).series["train loss"]
         assert loss[0] and loss[0][-1] == pytest.approx(1.0)
+        assert loss[1] == [y for _, y in app.session.loss_curve] and all(y > 0 for y in loss[1])
         accuracy = app.screen.query_one("#acc-plot", CurvePlot).series
-        assert accuracy["val benign"][0] == [1.0]
+        (record,) = app.session.epochs
+        assert accuracy["val benign"] == ([1.0], [100 * record.val["benign"]])
+        assert accuracy["train"] == ([1.0], [100 * record.train_acc])
 
 
 async def test_in_train_pruning_and_adasap_from_the_tui(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -505,7 +519,7 @@ async def test_palette_and_help_cover_every_action(checkpoint: Path) -> None:
 async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_checkpoint: Path, shared_cifar: str) -> None:
     """A CIFAR model opened with digits is not evaluated on them: the digits are refused in
     words; the data field loads the CIFAR folder; evaluation then asks for the normalisation."""
-    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": "digits"}))
+    app = WorkbenchApp(make_config(shared_checkpoint, **{"data.spec": "digits", "evaluate.max_examples": 32}))
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         assert app.session.open_error is None
@@ -533,9 +547,16 @@ async def test_opens_the_shared_checkpoint_and_asks_for_normalisation(shared_che
         assert app.session.workspace.normalization.mean == (0.485, 0.456, 0.406)
         job = app.latest_job("evaluate")
         assert job is not None
-        await pilot.press("ctrl+g")
         await settle(app, pilot)
-        assert job.status in (CANCELLED, DONE)
+        assert job.status == DONE
+        # evaluated with the normalisation just given: the clean count is the one it gives here
+        ws = app.session.workspace
+        images = torch.stack([ws.data.test[i][0] for i in range(32)])
+        labels = torch.tensor([ws.data.test[i][1] for i in range(32)])
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+        with torch.no_grad():
+            expected = int((ws.model.eval()((images - mean) / std).argmax(1) == labels).sum())
+        assert app.session.evaluations["unpruned"].robustness.clean_correct == expected
 
 
 @pytest.mark.skipif(not SAMPLE_CHECKPOINT.is_file(), reason="the bundled sample model is not built yet")
@@ -544,7 +565,9 @@ async def test_opens_the_bundled_sample() -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot)
         assert app.session.workspace is not None and is_sample(app.session.workspace.checkpoint.path)
-        assert app.session.rows()
+        rows = app.session.rows()
+        assert len(rows) == 19 and rows[0].name == "conv1" and rows[0].status == "skipped"  # ResNet-20: stem + 18
+        assert all(row.status != "skipped" for row in rows[1:])
 
 
 # ---- snapshots (80x24) -------------------------------------------------------------------
