@@ -297,12 +297,20 @@ def test_resume_never_runs_code_the_run_folder_names(case: str, tmp_path: Path, 
 # --- case 6: an interrupt at any moment, even while importing, is 130 ------------------------------------------
 
 
+# Runs the rest of its arguments as a Python command with SIGINT at its default and unblocked, as a
+# terminal's Ctrl-C finds it: a child inherits both across exec, and the test process's may have been
+# changed by the libraries earlier tests loaded (Python leaves an ignored SIGINT ignored).
+AS_FROM_A_TERMINAL = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
 @pytest.mark.parametrize("moment", ["engine", "torch"])
 def test_interrupt_while_importing_exits_130(moment: str, tmp_path: Path) -> None:
     """SIGINT as soon as `-X importtime` shows the first `engine` module (the CLI's own imports)
     or the first `torch` module (the batch runner's) finished importing."""
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "workbench", "--batch", "--out", str(out)],
+    process = subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, "-X", "importtime", "-m", "workbench",
+                                "--batch", "--out", str(out)],
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
