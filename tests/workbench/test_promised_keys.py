@@ -7,14 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pilot_support import make_config, settle
 from textual.widgets import DataTable, TabbedContent
 
 from widgets.heatmap import Heatmap
 from workbench.app import WorkbenchApp
 from workbench.screens.layer import LayerScreen
 from workbench.screens.overview import OverviewScreen
-
-from test_app import make_config, settle
 
 
 async def test_t_toggles_row_order_and_h_f_g_switch_tabs(checkpoint: Path) -> None:
