@@ -238,7 +238,7 @@ def _needs_trust(path: Path, foreign: list[str]) -> str:
     """Error text for a pickle whose weights only exist after running the code it names."""
     return (
         f"the weights in checkpoint {path} cannot be recovered without running the code of {foreign[0]}; "
-        "allow trusted unpickling (trust_pickle) only if you trust its source"
+        "if you trust its source, allow code from files with --trust-pickle (model.trust_pickle in a config)"
     )
 
 

@@ -230,7 +230,7 @@ def test_restricted_unpickler_recovers_tensors_without_importing(pickled_model_f
 
 def test_pickle_that_needs_code_asks_for_trust(pickled_model_files) -> None:
     _, factory_path, marker, _, _, name = pickled_model_files
-    with pytest.raises(CheckpointError, match=f"cannot be recovered without running the code of {name}.make_rebuilt; allow trusted"):
+    with pytest.raises(CheckpointError, match=f"cannot be recovered without running the code of {name}.make_rebuilt; if you trust its source, allow code from files with --trust-pickle"):
         load_checkpoint(factory_path)
     assert not marker.exists() and name not in sys.modules  # importable, yet never imported
 

@@ -84,7 +84,7 @@ def test_only_trust_pickle_lets_a_whole_model_pickle_run_its_code(tmp_path: Path
             "--config", str(quick), "--quiet"]
     assert main([*args, "--out", str(tmp_path / "refused")]) == 2
     stderr = capsys.readouterr().err
-    assert stderr.startswith("error: ") and "allow trusted unpickling (trust_pickle)" in stderr and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("error: ") and "allow code from files with --trust-pickle" in stderr and len(stderr.strip().splitlines()) == 1
     assert not marker.exists() and name not in sys.modules  # importable, yet never imported
     assert not (tmp_path / "refused" / "pruned.pt").exists()
     assert main([*args, "--out", str(tmp_path / "trusted"), "--trust-pickle"]) == 0, capsys.readouterr().err
