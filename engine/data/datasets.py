@@ -1,4 +1,4 @@
-"""Datasets for fine-tuning and evaluation: scikit-learn's digits (no download), CIFAR-10 in the
+"""Datasets for fine-tuning and evaluation: scikit-learn's digits (no download, read from its file), CIFAR-10 in the
 torchvision on-disk layout, and image folders, each split deterministically into train, val and
 test parts of ([0, 1] float32 C×H×W image, int label) items.
 
@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Subset
 from ..common.errors import ConfigError, DataError
 from ..models.normalization import Normalization
 from .spec import parse_data_spec
+from .split import SplitError, digits_arrays, stratified_holdout
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -159,20 +160,13 @@ def _stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions of `labels` split into (rest, holdout) with `holdout` items, stratified by
     class and shuffled by `seed`."""
-    # Imported on use: scikit-learn loads rich when it is installed, which importing the engine must not.
-    from sklearn.model_selection import train_test_split
-
-    n, classes = len(labels), len(np.unique(labels))
     try:
-        rest, held = train_test_split(
-            np.arange(n), test_size=holdout, stratify=labels, random_state=seed, shuffle=True
-        )
-    except ValueError:
+        return stratified_holdout(labels, holdout, seed)
+    except SplitError:
         raise DataError(
-            f"{what} has too few images ({n} in {classes} classes) for a stratified split that keeps "
-            "every class in each part"
+            f"{what} has too few images ({len(labels)} in {len(np.unique(labels))} classes) for a stratified "
+            "split that keeps every class in each part"
         ) from None
-    return rest, held
 
 
 def _three_way_split(
@@ -234,12 +228,13 @@ def load_data(
 def _load_digits(channels: int, image_size: int, seed: int, val_fraction: float) -> DataBundle:
     """scikit-learn's 1797 8×8 digits (0..16) as [0, 1] images resized bilinearly (antialiased)
     to `image_size`; with the defaults the split is 1258 train / 180 val / 359 test."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    small = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    try:
+        pixels, target = digits_arrays()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"the digits dataset could not be read: {exc}") from None
+    small = torch.from_numpy(pixels.astype(np.float32) / 16.0).unsqueeze(1)
     images = F.interpolate(small, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    labels = digits.target.astype(np.int64)
+    labels = target.astype(np.int64)
     full = ImageTensorDataset(images, labels, channels, image_size)
     train, val, test = _three_way_split(labels, val_fraction, seed, "the digits dataset")
     train_set = Subset(full, train.tolist())
