@@ -65,9 +65,10 @@ from .robustness.sharded import corruption_sharded, evaluate_sharded, frequency_
 from .training.finetune import FinetuneResult, finetune
 
 DATA_KEY = "data"  # checkpoint metadata: the data spec a workbench checkpoint was made with
+SET_DATA = "--data, or the data field"  # where a user sets the data: batch flag, TUI field
 NO_DATA = (
     "no data is set, so BatchNorm statistics were not recalibrated and accuracy was not measured "
-    "(the pruned model's accuracy may have collapsed); pass --data"
+    f"(the pruned model's accuracy may have collapsed); set the data ({SET_DATA})"
 )
 
 
@@ -101,7 +102,7 @@ class Workspace:
     def require_data(self, what: str) -> DataBundle:
         """The dataset, or `ConfigError` saying that `what` needs one."""
         if self.data is None:
-            raise ConfigError(f"{what} needs data and none is set: pass --data ({SPEC_HELP})")
+            raise ConfigError(f"{what} needs data and none is set: set it ({SET_DATA}; {SPEC_HELP})")
         return self.data
 
     @cached_property
@@ -169,12 +170,12 @@ def open_workspace(config: RunConfig, *, load: bool = True) -> Workspace:
         except DataError as exc:
             if data_source == "configured":
                 raise
-            raise DataError(f"{exc} (the data {path.name} records; pass --data to use other data)") from None
+            raise DataError(f"{exc} (the data {path.name} records; to use other data: {SET_DATA})") from None
         check_fit(checkpoint, data, config.data.spec)
     elif needing and load:
         stages = f"the {' and '.join(needing)} stage{'s need' if len(needing) > 1 else ' needs'}"
         raise ConfigError(
-            f"{stages} data and none is set: pass --data ({SPEC_HELP}); "
+            f"{stages} data and none is set: set it ({SET_DATA}; {SPEC_HELP}); "
             "the workbench does not guess which dataset a model was trained on"
         )
     if override is not None:
@@ -233,13 +234,13 @@ def _refuse_misfit(checkpoint: LoadedCheckpoint, spec: str, stored: int | None, 
     if outputs is not None and classes is not None and int(outputs) != classes:
         raise ConfigError(
             f"the model has {outputs} outputs but {spec} has {classes} classes: "
-            "use the data the model was trained on (--data, or the data field)"
+            f"use the data the model was trained on ({SET_DATA})"
         )
     channels = model_channels(checkpoint)
     if stored is not None and stored != channels:
         raise ConfigError(
             f"{spec} images have {stored} channel{'s' if stored != 1 else ''} "
-            f"but the model takes {channels}: use the data the model was trained on (--data, or the data field)"
+            f"but the model takes {channels}: use the data the model was trained on ({SET_DATA})"
         )
 
 

@@ -108,9 +108,9 @@ def test_without_data_pruning_skips_accuracy_and_data_stages_refuse(unrecorded: 
     report = build_report(ws, pipeline.prune_sections(outcome), ["prune"])
     assert report["version"] == REPORT_VERSION == 2 and report["data"] is None
     assert report["warnings"] == [pipeline.NO_DATA]
-    with pytest.raises(ConfigError, match="fine-tuning needs data and none is set: pass --data"):
+    with pytest.raises(ConfigError, match=r"fine-tuning needs data and none is set: set it \(--data, or the data field"):
         pipeline.finetune_model(ws, outcome.model, outcome.plan, None)
-    with pytest.raises(ConfigError, match=r"the finetune and evaluate stages need data .* pass --data"):
+    with pytest.raises(ConfigError, match=r"the finetune and evaluate stages need data .* set it \(--data"):
         pipeline.open_workspace(sample_config(unrecorded, **{"run.stages": ["prune", "finetune", "evaluate"]}))
 
 

@@ -406,7 +406,7 @@ async def test_without_data_pruning_works_and_data_jobs_say_what_is_missing(chec
         await settle(app, pilot)
         outcome = app.session.outcome
         assert outcome is not None and outcome.accuracy is None
-        assert "pass --data" in str(app.screen.query_one("#prune-checks", Static).render())
+        assert "set the data (--data, or the data field)" in str(app.screen.query_one("#prune-checks", Static).render())
         phases = str(app.screen.query_one("#prune-phases", Static).render())
         assert "– recalibrate" in phases and "no data" in phases and "✓ check" in phases
         await pilot.press("j", "e")

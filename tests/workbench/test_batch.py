@@ -227,7 +227,7 @@ def test_no_data_skips_recalibration_and_refuses_data_stages(shared_checkpoint: 
     report = json.loads((out / "report.json").read_text())
     assert report["data"] is None and report["prune"]["accuracy"] is None and report["prune"]["recalibration"] is None
     assert report["prune"]["equivalence_input"].startswith("random images")
-    assert any("pass --data" in w for w in report["warnings"])
+    assert any("set the data (--data" in w for w in report["warnings"])
     for stages in ("prune,evaluate", "finetune"):
         code, _, stderr = run([str(shared_checkpoint), "--batch", "--stages", stages, "--normalize", "imagenet",
                                "--out", str(tmp_path / stages)], capsys)
