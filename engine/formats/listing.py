@@ -389,8 +389,9 @@ def epoch_ranges(epochs: list[int]) -> str:
 
 def array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in an .npz archive, read from the headers alone, each
-    checked to need no more bytes than the archive stores for it (so loading cannot be made to
-    allocate more than the file holds, beyond what compression gives)."""
+    checked to hold no Python objects (whose loading would unpickle) and to need no more bytes
+    than the archive stores for it (so loading cannot be made to allocate more than the file
+    holds, beyond what compression gives)."""
     headers = {}
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
@@ -398,7 +399,9 @@ def array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 version = np.lib.format.read_magic(member)
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, _, dtype = read(member)
-            if dtype.hasobject or array_nbytes((shape, dtype)) > info.file_size or info.file_size > _MAX_RATIO * max(1, info.compress_size):
+            if dtype.hasobject:
+                raise ValueError(f"array {info.filename} holds pickled Python objects, which are never loaded")
+            if array_nbytes((shape, dtype)) > info.file_size or info.file_size > _MAX_RATIO * max(1, info.compress_size):
                 raise ValueError(f"array {info.filename} declares more data than the archive holds")
             headers[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
     return headers

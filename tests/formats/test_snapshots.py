@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.common.errors import ConfigError, SnapshotError
-from engine.formats.listing import epoch_of
+from engine.formats.listing import epoch_of, snapshot_epochs
 from engine.formats.snapshots import load_snapshots, open_snapshots, save_snapshot_archive
 from engine.models.architectures import ArchSpec, build_model
 
@@ -204,3 +204,35 @@ def test_archive_window_and_errors(tmp_path: Path, training_run) -> None:
         load_snapshots(broken, reference=final)
     with pytest.raises(SnapshotError, match="has no conv weight 'conv1.weight'"):
         save_snapshot_archive(tmp_path / "bad.npz", {1: {}}, final)
+
+
+class _TouchOnUnpickle:
+    """Unpickling this object creates `marker`: a payload that would run if an archive's object
+    arrays were ever unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("key", ["format", "epochs", "q0"])
+def test_archive_with_pickled_objects_is_refused_without_running_them(tmp_path: Path, training_run, key: str) -> None:
+    final, snapshots = training_run
+    good = tmp_path / "snapshots.npz"
+    save_snapshot_archive(good, snapshots, final)
+    with np.load(good, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    marker = tmp_path / "ran"
+    arrays[key] = np.array([_TouchOnUnpickle(marker)], dtype=object)
+    tampered = tmp_path / "tampered.npz"
+    np.savez(tampered, **arrays)
+    with pytest.raises(SnapshotError, match=f"array {key}.npy holds pickled Python objects, which are never loaded"):
+        load_snapshots(tampered, reference=final)
+    with pytest.raises(SnapshotError):
+        snapshot_epochs(tampered, None, 1)
+    assert not marker.exists()
+    with np.load(tampered, allow_pickle=True) as data:
+        data[key]  # the payload is live: a loader that unpickled would have run it
+    assert marker.exists()
