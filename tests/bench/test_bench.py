@@ -46,3 +46,25 @@ def test_prune_speed_summarises_runs_in_units():
     assert summary["step_plan_units"] == {"median": 0.9, "min": 0.8, "max": 1.0}
     row = render({"command:sr-gkp:resnet56": summary}).splitlines()[-1]
     assert row.startswith("| command:sr-gkp:resnet56 | 2 | 0.75 |") and "import 1.75, plan 0.90" in row
+
+
+def test_study_methods_resume_skips_finished_units_and_ignores_other_devices(tmp_path, monkeypatch) -> None:
+    import json
+
+    from bench import study_methods
+
+    partial = tmp_path / "study_methods.partial.json"
+    monkeypatch.setattr(study_methods, "PARTIAL", partial)
+    metrics = {"benign": 0.9, "fgsm-0.01": 0.8, "pgd-8/255": 0.5, "relative_robustness": None,
+               "sharpness_after_prune": None, "sharpness_final": 0.1, "learned_complexity": None}
+    unit = {"dataset": "digits", "row": "unpruned", "seed": 0, "metrics": metrics, "macs": 4e7, "params": 2.7e5,
+            "train_seconds": 1.0, "n_test": 359}
+    partial.write_text(json.dumps({"device": "cpu", "units": [unit, {"dataset": "nope", "row": "unpruned", "seed": 0}]}))
+    assert study_methods.finished_units("cuda") == []
+    assert study_methods.finished_units("cpu") == [unit]
+    report = study_methods.run_study(["digits"], ["unpruned"], (0, 1), 1, "cpu", "test", resume=True)
+    assert report["units"] == [unit] and report["settings"]["resumed_units"] == 1  # nothing left to run
+    assert report["summary"][0]["metrics"]["benign"]["mean"] == 0.9
+    assert "resumed: 1 units" in study_methods.resumed_note(report["settings"])
+    partial.write_text("{not json")
+    assert study_methods.finished_units("cpu") == []
