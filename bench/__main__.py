@@ -27,7 +27,7 @@ prune step was rewritten) and --full run:
 7. study    the comparison study on digits (bench/study.py): quick 3 seeds x 6 epochs, full
             5 seeds x 20 epochs.
 
-Not in the default set (about two hours on 2 cores): `--steps study-methods`, the study's rows
+Not in the default set (35 minutes on 2 cores): `--steps study-methods`, the study's rows
 for in-train pruning and AdaSAP on the sample and the shared CIFAR-10 subset
 (bench/study_methods.py, 3 seeds).
 
