@@ -1,6 +1,7 @@
-"""Datasets for fine-tuning and evaluation: scikit-learn's digits (no download, read from its file), CIFAR-10 in the
-torchvision on-disk layout, and image folders, each split deterministically into train, val and
-test parts of ([0, 1] float32 C×H×W image, int label) items.
+"""Datasets for fine-tuning and evaluation: scikit-learn's digits (no download; read from the file
+it ships), CIFAR-10 in the torchvision on-disk layout, and image folders, each split
+deterministically into train, val and test parts of ([0, 1] float32 C×H×W image, int label)
+items.
 
 Every split is held in a random order (a seeded shuffle, or the file's own order for CIFAR-10's
 test batch), so the first N items of a split (what `max_examples` evaluates) are a random sample
