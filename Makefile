@@ -44,8 +44,8 @@ PROPS := tests/gkp/test_properties.py
 TESTS_smoothness := tests/gkp/test_smoothness.py $(PROPS)
 TESTS_grouping := tests/gkp/test_grouping.py $(PROPS)
 TESTS_tmi := tests/gkp/test_tmi.py
-TESTS_selection := tests/gkp/test_selection.py $(PROPS)
-TESTS_search := tests/gkp/test_selection.py
+TESTS_selection := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py $(PROPS)
+TESTS_search := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py
 TESTS_reconstruct := tests/gkp/test_reconstruct.py $(PROPS)
 mutate: $(STAMP)
 	rm -f mutants/mutmut-stats.json

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from scipy.spatial.distance import pdist, squareform
 
-from ..common.progress import check_cancel
 from .search import (
     Beam,
     Grown,
     Problems,
     gamma_outer,
     grow,
-    members_of,
     pair_beta,
     to_fixed_point,
 )
@@ -86,7 +84,8 @@ def grouped_kernels(weight: torch.Tensor | np.ndarray, filters: list[int]) -> np
     """The grouped kernels of one filter group, one row per input channel: `(C_in, |g|*k*k)`."""
     array = weight if isinstance(weight, np.ndarray) else weight.detach().to(torch.float64).cpu().numpy()
     slab = array[filters]
-    return slab.swapaxes(0, 1).reshape(slab.shape[1], -1)
+    channels = slab.shape[1]
+    return slab.swapaxes(0, 1).reshape(channels, slab.size // channels)
 
 
 def kernel_distances(kernels: np.ndarray) -> np.ndarray:
@@ -111,7 +110,7 @@ def _parallel(tasks: list[Callable[[], _T]]) -> list[_T]:
     """Run `tasks` on a thread per core; results in task order."""
     if len(tasks) == 1:
         return [tasks[0]()]
-    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:  # pragma: no mutate (pool size)
         futures = [pool.submit(task) for task in tasks]
         try:
             return [future.result() for future in futures]
@@ -125,7 +124,7 @@ def _lane_chunks(groups: int, channels: int, candidates: int) -> list[tuple[np.n
     stays within the chunk budget."""
     owner = np.repeat(np.arange(groups), channels)
     starts = np.tile(np.arange(channels), groups)
-    size = max(1, _CHUNK_ELEMENTS // max(1, candidates * channels))
+    size = max(1, _CHUNK_ELEMENTS // (candidates * channels))
     return [(owner[lo:lo + size], starts[lo:lo + size]) for lo in range(0, len(owner), size)]
 
 
@@ -154,12 +153,14 @@ def smooth_beam_many(groups: Sequence[Group], kept: int, *, beam_width: int = 2,
     channels = len(groups[0].distances)
     _check_kept(kept, channels)
     first_cut = check_every + 1
-    frozen = pair_beta(first_cut, channels) if freeze_beta and first_cut < kept else None
+    frozen = pair_beta(min(first_cut, kept), channels) if freeze_beta else None  # S's own when no cut precedes S
     beam = Beam(kept, beam_width, check_every, alpha, frozen, cut_at_final)
     beta = beam.beta(kept, channels)
     problems = Problems.build([g.distances for g in groups], [g.smoothness for g in groups])  # type: ignore[misc]
+    candidates = beam_width ** check_every * beam_width
     if any(g.context is not None and g.context.tracer.full for g in groups):
-        return [_beam_full(problems, beam, beta, index, group, cancel) for index, group in enumerate(groups)]
+        return [_beam_full(problems, beam, beta, candidates, index, group, cancel)
+                for index, group in enumerate(groups)]
 
     def run(owner: np.ndarray, starts: np.ndarray) -> tuple[list[list[int]], list[float]]:
         grown = grow(problems, beam, owner, starts, cancel=cancel)
@@ -168,14 +169,12 @@ def smooth_beam_many(groups: Sequence[Group], kept: int, *, beam_width: int = 2,
         lanes = np.arange(len(starts))
         return grown.members(pick[:, None])[:, 0].tolist(), costs[lanes, pick].tolist()
 
-    candidates = beam_width ** check_every * beam_width
     done = _parallel([lambda o=o, s=s: run(o, s) for o, s in _lane_chunks(len(groups), channels, candidates)])
     members = _by_group(len(groups), channels, [m for m, _ in done])
     scores = _by_group(len(groups), channels, [s for _, s in done])
     winners = [int(np.argmax(s)) for s in scores]
     traced = [i for i, g in enumerate(groups) if g.context is not None]
     if traced:
-        check_cancel(cancel)
         owner = np.array(traced)
         grown = grow(problems, beam, owner, np.array([winners[i] for i in traced]), record=True, cancel=cancel)
         costs = _costs(grown, beta, problems.unit[owner])
@@ -191,15 +190,13 @@ def _costs(grown: Grown, beta: float, unit: np.ndarray) -> np.ndarray:
     return (grown.inner - beta * grown.outer) * unit[:, None]
 
 
-def _beam_full(problems: Problems, beam: Beam, beta: float, index: int, group: Group,
+def _beam_full(problems: Problems, beam: Beam, beta: float, candidates: int, index: int, group: Group,
                cancel: threading.Event | None) -> Choice:
     """One group with every start's beam events, start by start in chunks so the volume streams."""
     channels = problems.channels
-    candidates = beam.width ** (beam.check_every or 0) * beam.width
     members: list[list[int]] = []
     scores: list[float] = []
     for _, starts in _lane_chunks(1, channels, candidates):
-        check_cancel(cancel)
         owner = np.full(len(starts), index)
         grown = grow(problems, beam, owner, starts, record=True, cancel=cancel)
         costs = _costs(grown, beta, problems.unit[owner])
@@ -236,14 +233,14 @@ def greedy_many(groups: Sequence[Group], kept: int, *, gamma_ratio: float = 0.2,
 
     def run(owner: np.ndarray, starts: np.ndarray) -> tuple[list[list[int]], list[float]]:
         grown = grow(problems, Beam(kept), owner, starts, cancel=cancel)
-        sets = grown.members(np.zeros((len(starts), 1), dtype=np.int64))[:, 0]
+        sets = grown.members(np.zeros_like(starts)[:, None])[:, 0]
         if gamma == 0:
-            outer = np.zeros(len(starts), dtype=np.int64)
+            outer = np.zeros(len(starts))
         elif gamma == 1:
             outer = grown.outer[:, 0]
         else:
-            states, lane, inverse = np.unique(grown.final_state[:, 0], return_index=True, return_inverse=True)
-            unique = gamma_outer(problems, owner[lane], members_of(grown.final_bits[states], channels), gamma)
+            _, lane, inverse = np.unique(grown.final_state[:, 0], return_index=True, return_inverse=True)
+            unique = gamma_outer(problems, owner[lane], sets[lane], gamma)
             outer = unique[inverse.ravel()]
         return sets.tolist(), ((grown.inner[:, 0] - weight * outer) * problems.unit[owner]).tolist()
 
@@ -296,20 +293,21 @@ def _emit_beams(grown: Grown, lanes: Sequence[tuple[GroupContext, float, float]]
 def l2_select(kernels: np.ndarray, kept: int, context: GroupContext | None = None) -> Choice:
     """Baseline: keep the `kept` grouped kernels of largest L2 norm (lowest index on ties)."""
     norms = np.linalg.norm(kernels, axis=1)
-    return _ranked(context, "l2", norms, np.argsort(-norms, kind="stable")[:kept])
+    return _ranked(context, "l2", norms, np.lexsort([-norms])[:kept])  # lexsort is stable
 
 
 def least_smooth_select(smoothness: np.ndarray, kept: int, context: GroupContext | None = None) -> Choice:
     """Baseline: prune the roughest grouped kernels, keeping the `kept` smoothest."""
     smoothness = np.asarray(smoothness, dtype=np.float64)
-    return _ranked(context, "least-smooth", smoothness, np.argsort(smoothness, kind="stable")[:kept])
+    return _ranked(context, "least-smooth", smoothness, np.lexsort([smoothness])[:kept])
 
 
 def random_select(channels: int, kept: int, rng: np.random.Generator,
                   context: GroupContext | None = None) -> Choice:
     """Baseline: a seeded random choice of `kept` grouped kernels."""
     _check_kept(kept, channels)
-    return _ranked(context, "random", np.zeros(0), rng.choice(channels, size=kept, replace=False))
+    chosen = rng.choice(channels, size=kept, replace=False)  # pragma: no mutate (replace=None also draws without)
+    return _ranked(context, "random", np.zeros(0), chosen)
 
 
 def _ranked(context: GroupContext | None, method: str, values: np.ndarray, chosen: np.ndarray) -> Choice:

@@ -60,6 +60,15 @@ def naive_greedy(d, kept, gamma_ratio=0.2, beta="auto", floor=True):
 
 
 def naive_beam(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False, final_cut=False):
+    """The winning (cost, start, members) over every start's complete candidates."""
+    per_start = naive_beam_starts(d, smooth, kept, width, check_every, alpha, freeze, final_cut)
+    flat = [(c, s, i, v) for s, cands in enumerate(per_start) for i, (c, v) in enumerate(cands)]
+    best = max(flat, key=lambda t: (t[0], -t[1], -t[2]))
+    return best[0], best[1], best[3]
+
+
+def naive_beam_starts(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False, final_cut=False):
+    """Per start kernel, its complete candidates as (Eq. 3 cost, members in build order)."""
     c_in = len(d)
 
     def beta(m):
@@ -85,9 +94,7 @@ def naive_beam(d, smooth, kept, width=2, check_every=3, alpha=0.9, freeze=False,
                 order = sorted(range(len(beam)), key=lambda i: (score[i], -smooths[i], i))
                 beam = [beam[i] for i in order[:width]]
         per_start.append([(cost(v), v) for v in beam])
-    flat = [(c, s, i, v) for s, cands in enumerate(per_start) for i, (c, v) in enumerate(cands)]
-    best = max(flat, key=lambda t: (t[0], -t[1], -t[2]))
-    return best[0], best[1], best[3]
+    return per_start
 
 
 def random_case(rng, c_in, high=6):
