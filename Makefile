@@ -45,7 +45,7 @@ TESTS_smoothness := tests/gkp/test_smoothness.py $(PROPS)
 TESTS_grouping := tests/gkp/test_grouping.py $(PROPS)
 TESTS_tmi := tests/gkp/test_tmi.py
 TESTS_selection := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py $(PROPS)
-TESTS_search := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py
+TESTS_search := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py tests/gkp/test_search.py
 TESTS_reconstruct := tests/gkp/test_reconstruct.py $(PROPS)
 mutate: $(STAMP)
 	rm -f mutants/mutmut-stats.json

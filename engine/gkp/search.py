@@ -174,10 +174,9 @@ class _Keys:
     members' keys, so equal sets get equal keys whatever their order (checked on the bits)."""
 
     def __init__(self, groups: int, channels: int) -> None:
-        rng = np.random.default_rng(_KEY_SEED)
-        high = np.iinfo(np.uint64).max
-        self.group = rng.integers(0, high, size=groups, dtype=np.uint64, endpoint=True)
-        self.kernel = rng.integers(0, high, size=channels, dtype=np.uint64, endpoint=True)
+        stream = np.random.PCG64(_KEY_SEED)  # raw 64-bit words: every key equally likely
+        self.group = stream.random_raw(groups)
+        self.kernel = stream.random_raw(channels)
         self.words = (channels + 63) // 64
 
 
@@ -190,7 +189,7 @@ def _with_bit(bits: np.ndarray, kernels: np.ndarray) -> np.ndarray:
 def _distinct(owner: np.ndarray, bits: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index of one row of each distinct (group, set) and every row's distinct index."""
     first, inverse = _groups_of_equal(key)
-    if np.array_equal(bits[first][inverse], bits) and np.array_equal(owner[first][inverse], owner):
+    if np.array_equal(bits[first][inverse], bits) and np.array_equal(owner[first][inverse], owner):  # pragma: no mutate (else exact path: same sets)
         return first, inverse
     rows = np.ascontiguousarray(np.column_stack([owner.astype(np.uint64), bits]))  # a key collision: exact
     _, first, inverse = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))),
@@ -204,8 +203,8 @@ def _groups_of_equal(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = key.argsort()
     ordered = key[order]
     starts = np.empty(len(key), dtype=bool)
-    starts[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    starts[:1] = True
     inverse = np.empty(len(key), dtype=np.intp)
     inverse[order] = np.cumsum(starts) - 1
     return order[starts], inverse
@@ -233,7 +232,7 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
     index); at cut sizes each lane ranks its candidates by Eq. 3 cost and smoothness, and
     `width` survive (ties: the rougher, then the first). `record` keeps every cut's details."""
     dq, sq, channels, kept = problems.dq, problems.sq, problems.channels, beam.kept
-    rows_of = dq.reshape(-1, channels)  # row `owner * C + kernel`: one gather along the first axis
+    rows_of = dq.reshape(len(dq) * channels, channels)  # row `owner * C + kernel`: one gather along the first axis
     lanes = len(starts)
     at = np.arange(lanes)[:, None]
     keys = _Keys(len(problems), channels)
@@ -261,17 +260,13 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
         rep, kernel = parent[first], added_all[first]
         size += 1
         n_cand = entries * width
-        candidate = inverse.reshape(-1, width)[entry].reshape(lanes, n_cand)
+        candidate = inverse.reshape(len(proposal), width)[entry].reshape(lanes, n_cand)
         added = proposal[entry].reshape(lanes, n_cand)
         grown_owner = child_owner[first]
         child = _States(grown_owner, child_bits[first], states.key[rep] ^ keys.kernel[kernel],
                         states.inner[rep] + gain.ravel()[first], states.smooth[rep] + sq[grown_owner, kernel])
         rows = rows_of.take(grown_owner * channels + kernel, axis=0)
         final, cut = size == kept, beam.is_cut(size)
-        if not (final or cut):
-            child.runsum = states.runsum.take(rep, axis=0)  # type: ignore[union-attr]
-            child.runsum += rows
-            child.runsum[np.arange(len(kernel)), kernel] = _NEG
         nearest = states.mind.take(rep, axis=0)  # type: ignore[union-attr]
         np.minimum(nearest, rows, out=nearest)
         if final or cut:
@@ -282,6 +277,9 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
             if final:
                 entry = candidate
                 break
+            child.runsum = states.runsum.take(rep, axis=0)  # type: ignore[union-attr]
+            child.runsum += rows
+            child.runsum[np.arange(len(kernel)), kernel] = _NEG
             child.mind = nearest
             states, entry = child, candidate
             continue
@@ -292,7 +290,7 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
         rank_smooth = min_rank(smooth_c)
         score = beam.alpha * rank_cost + (1.0 - beam.alpha) * rank_smooth
         index = np.broadcast_to(np.arange(n_cand), (lanes, n_cand))
-        order = np.lexsort((index, -smooth_c, score), axis=1)  # score, then rougher, then first
+        order = np.lexsort((index, -smooth_c, score))  # score, then rougher, then first
         keep = order[:, : min(beam.width, n_cand)]
         if record:
             previous = backtrack(starts, parents, addeds, np.broadcast_to(np.arange(entries), (lanes, entries)))
@@ -319,24 +317,16 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
                  child.bits, cuts)
 
 
-def members_of(bits: np.ndarray, channels: int) -> np.ndarray:
-    """Ascending members of each set from its membership bits (every set the same size)."""
-    flags = np.unpackbits(bits.astype("<u8", copy=False).view(np.uint8), axis=1, bitorder="little")[:, :channels]
-    _, cols = np.nonzero(flags)
-    return cols.reshape(len(bits), -1)
-
-
 def gamma_outer(problems: Problems, owner: np.ndarray, sets: np.ndarray, gamma: int,
                 budget: int = 1 << 22) -> np.ndarray:
     """Per set (of group `owner[i]`), the sum over pruned kernels of the distances to their `gamma`
     nearest members."""
     channels = problems.channels
     out = np.empty(len(sets), dtype=np.int64)
-    step = max(1, budget // max(1, sets.shape[1] * channels))
-    for lo in range(0, len(sets), step):
-        part = slice(lo, lo + step)
+    step = max(1, budget // max(1, sets.shape[1] * channels))  # pragma: no mutate (chunk size bounds memory only)
+    for part in (slice(lo, lo + step) for lo in range(0, len(sets), step)):  # pragma: no mutate (chunking, as above)
         to_members = np.swapaxes(problems.dq[owner[part, None], sets[part]], 1, 2)  # (P, C, S)
-        nearest = np.partition(to_members, gamma - 1, axis=2)[..., :gamma].sum(axis=2)
+        nearest = np.partition(to_members, gamma - 1)[..., :gamma].sum(axis=2)
         nearest[np.arange(len(nearest))[:, None], sets[part]] = 0
         out[part] = nearest.sum(axis=1)
     return out
