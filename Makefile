@@ -46,7 +46,7 @@ TESTS_grouping := tests/gkp/test_grouping.py $(PROPS)
 TESTS_tmi := tests/gkp/test_tmi.py
 TESTS_selection := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py $(PROPS)
 TESTS_search := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py tests/gkp/test_search.py
-TESTS_reconstruct := tests/gkp/test_reconstruct.py $(PROPS)
+TESTS_reconstruct := tests/gkp/test_reconstruct.py tests/gkp/test_reconstruct_plans.py $(PROPS)
 mutate: $(STAMP)
 	rm -f mutants/mutmut-stats.json
 	env -u PYTHONPATH GKP_MUTATE_TESTS="$(TESTS_$(MODULE))" $(BIN)/mutmut run --max-children 2 "engine.gkp.$(MODULE).*"

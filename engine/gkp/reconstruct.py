@@ -102,10 +102,9 @@ class GroupedKernelConv(nn.Conv2d):
             padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
             padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        device = conv.weight.device
-        order = torch.tensor([i for group in layer_plan.filter_groups for i in group], device=device)
-        with torch.no_grad():
-            module.input_index.copy_(torch.tensor(layer_plan.kept_channels, device=device))
+        order = torch.tensor([i for group in layer_plan.filter_groups for i in group])
+        with torch.no_grad():  # `copy_` moves the indices onto the module's device
+            module.input_index.copy_(torch.tensor(layer_plan.kept_channels))
             module.output_order.copy_(torch.argsort(order))
         if _is_channels_last(conv.weight):
             module.to(memory_format=torch.channels_last)
@@ -132,9 +131,7 @@ class GroupedKernelConv(nn.Conv2d):
 
     def filter_order(self) -> torch.Tensor:
         """Original index of each output of the grouped conv (the inverse of `output_order`)."""
-        order = torch.empty_like(self.output_order)
-        order[self.output_order] = torch.arange(self.out_channels, device=order.device)
-        return order
+        return torch.argsort(self.output_order)
 
     def to_dense_conv(self) -> nn.Conv2d:
         """The equivalent ungrouped `nn.Conv2d` over all `dense_in_channels`, pruned kernels zero."""
@@ -232,15 +229,15 @@ def masked_dense(model: nn.Module, plan: PrunePlan, *, share_unplanned: bool = F
     masked = copy.deepcopy(model, memo={id(t): t for t in tensors if id(t) not in planned})
     for layer in plan.layers:
         conv = masked.get_submodule(layer.name)
-        keep = torch.zeros(layer.out_channels, layer.in_channels, dtype=torch.bool, device=conv.weight.device)
+        keep = conv.weight.new_zeros(layer.out_channels, layer.in_channels)
         for filters, kept in zip(layer.filter_groups, layer.kept_channels):
-            keep[torch.tensor(filters)[:, None], torch.tensor(kept)[None, :]] = True
+            keep[torch.tensor(filters)[:, None], torch.tensor(kept)[None, :]] = 1
         with torch.no_grad():
-            conv.weight.mul_(keep[:, :, None, None].to(conv.weight.dtype))
+            conv.weight.mul_(keep[:, :, None, None])
     for mask in plan.masks:
         conv = masked.get_submodule(mask.name)
         with torch.no_grad():
-            conv.weight.mul_(mask.weight_keep().to(conv.weight.device, conv.weight.dtype))
+            conv.weight.mul_(torch.empty_like(conv.weight).copy_(mask.weight_keep()))
     if plan.filters:
         silence_filters(masked, _filters_kept(plan))
     return masked
