@@ -79,9 +79,10 @@ def _sub_conv(conv: nn.Conv2d, out_index: list[int] | None = None, in_index: lis
 
 def _sub_bn(bn: nn.BatchNorm2d, index: list[int]) -> nn.BatchNorm2d:
     """A new `nn.BatchNorm2d` over the given channels of `bn`, statistics included."""
+    like = bn.weight if bn.affine else bn.running_mean  # the device and dtype to keep, if any
     new = nn.BatchNorm2d(
-        len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats, device=bn.weight.device if bn.affine else None,
+        len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats,
+        device=None if like is None else like.device, dtype=None if like is None else like.dtype,
     )
     with torch.no_grad():
         if bn.affine:
