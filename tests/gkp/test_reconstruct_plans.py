@@ -155,6 +155,8 @@ def test_grouped_kernel_conv_defaults() -> None:
     assert torch.count_nonzero(conv.weight) == 0 and torch.count_nonzero(conv.bias) == 0
     assert torch.equal(conv.input_index, torch.zeros(2, 3, dtype=torch.long))
     assert torch.equal(conv.output_order, torch.arange(4))
+    assert repr(conv) == ("GroupedKernelConv(dense_in_channels=8, kept=3, 6, 4, kernel_size=(3, 3), stride=(1, 1), "
+                          "groups=2)")  # what printing a deployed model shows
 
 
 def test_structure_is_built_on_the_convs_device_and_dtype() -> None:
