@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CheckpointError, SnapshotError
+from ..common.memory import collection_paused
 from ..common.progress import Progress, ProgressCallback, check_cancel, report
 from .clustering import SchemeGroups, cluster_filters, flatten_filters
 from .grouping import magnitude_snaking, random_grouping, smoothness_snaking
@@ -330,6 +331,13 @@ def plan_pruning(
     """Plan GKP for every eligible conv of `model` (SPEC §1-4): same config and seed, same plan.
     TMI grouping needs `snapshots` (epoch -> state dict) covering the ticket window."""
     config.validate()
+    with collection_paused():
+        return _plan(model, config, snapshots, arch, on_event, progress, cancel)
+
+
+def _plan(model: nn.Module, config: PruneConfig, snapshots: Mapping[int, Mapping[str, torch.Tensor]] | None,
+          arch: dict | None, on_event: Callable[[TraceEvent], None] | None, progress: ProgressCallback | None,
+          cancel: threading.Event | None) -> PrunePlan:
     layers = discover_layers(model, groups=config.groups, rate=config.rate, compat=config.compat,  # type: ignore[arg-type]
                              skip_stem=config.skip_stem, include_pointwise=config.include_pointwise,
                              exclude=config.exclude)

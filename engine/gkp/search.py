@@ -98,7 +98,10 @@ class Problems:
 
 @dataclass
 class Cut:
-    """Everything one cut decided, per lane (arrays `(L, N)`; members `(L, N, size)`)."""
+    """Everything one cut decided, per lane (arrays `(L, N)`; members `(L, N, size)`; `keep`
+    `(L, width)` the survivors best first; `state` the candidates' states, equal for equal sets).
+    Candidates come prefix by prefix: the first `prefix_size` members are one of `prefix_count`
+    sets (the previous cut's survivors, or the start), each shared by `N / prefix_count` of them."""
 
     size: int
     beta: float
@@ -110,6 +113,10 @@ class Cut:
     rank_smooth: np.ndarray
     score: np.ndarray
     survived: np.ndarray
+    keep: np.ndarray
+    state: np.ndarray
+    prefix_size: int
+    prefix_count: int
 
 
 @dataclass
@@ -245,7 +252,7 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
     parents: list[np.ndarray] = []
     addeds: list[np.ndarray] = []
     cuts: list[Cut] = []
-    size = 1
+    size = prefix_size = prefix_count = 1
     outer = states.mind.sum(axis=1)  # type: ignore[union-attr]
     while size < kept:
         check_cancel(cancel)
@@ -297,7 +304,9 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
             members = np.concatenate([np.repeat(previous, width, axis=1), added[..., None]], axis=2)
             survived = np.zeros((lanes, n_cand), dtype=bool)
             survived[at, keep] = True
-            cuts.append(Cut(size, beta, members, added, cost, smooth_c, rank_cost, rank_smooth, score, survived))
+            cuts.append(Cut(size, beta, members, added, cost, smooth_c, rank_cost, rank_smooth, score, survived, keep,
+                            candidate, prefix_size, prefix_count))
+            prefix_size, prefix_count = size, keep.shape[1]
         parents.append(keep // width)
         addeds.append(added[at, keep])
         survivors = candidate[at, keep]

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import compress
 from typing import TypeVar
 
 import numpy as np
@@ -23,6 +24,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from .search import (
     Beam,
+    Cut,
     Grown,
     Problems,
     gamma_outer,
@@ -31,7 +33,6 @@ from .search import (
     to_fixed_point,
 )
 from .traces import (
-    BeamCandidate,
     BeamCut,
     BeamFinal,
     FinalCandidate,
@@ -270,24 +271,68 @@ def _emit_beams(grown: Grown, lanes: Sequence[tuple[GroupContext, float, float]]
     values once per cut, for all lanes together."""
     units = np.array([unit for _, unit, _ in lanes])[:, None]
     s_units = np.array([s_unit for _, _, s_unit in lanes])[:, None]
-    cuts = [
-        (cut, cut.members.tolist(), cut.added.tolist(), (cut.cost_q * units).tolist(), (cut.smooth_q * s_units).tolist(),
-         cut.rank_cost.tolist(), cut.rank_smooth.tolist(), cut.score.tolist(), cut.survived.tolist())
-        for cut in grown.cuts
-    ]
+    cuts = [_CutColumns.of(cut, units, s_units) for cut in grown.cuts]
     finals = grown.members(np.broadcast_to(np.arange(grown.inner.shape[1]), grown.inner.shape)).tolist()
     final_costs, final_smooth = costs.tolist(), (grown.smooth * s_units).tolist()
     starts, best = grown.starts.tolist(), pick.tolist()
     for row, (context, _, _) in enumerate(lanes):
         emit, layer, group = context.tracer.emit, context.layer, context.group
-        for cut, members, added, cost, smooth, rank_cost, rank_smooth, score, survived in cuts:
-            emit(BeamCut(layer, group, starts[row], cut.size, cut.beta, tuple(map(
-                BeamCandidate, map(tuple, members[row]), added[row], cost[row], smooth[row], rank_cost[row],
-                rank_smooth[row], score[row], survived[row],
-            ))))
+        for c in cuts:
+            first = c.first[row]
+            emit(BeamCut(layer, group, starts[row], c.size, c.beta, tuple(map(tuple, c.prefixes[row])), c.prefix,
+                         tuple(map(tuple, c.steps[row])), tuple(c.state[row]), *(
+                             tuple(compress(column[row], first))
+                             for column in (c.cost, c.smoothness, c.rank_cost, c.rank_smooth, c.score)
+                         ), tuple(c.survivors[row])))
         emit(BeamFinal(layer, group, starts[row], beta, tuple(map(
             FinalCandidate, map(tuple, finals[row]), final_costs[row], final_smooth[row],
         )), best[row]))
+
+
+@dataclass(frozen=True)
+class _CutColumns:
+    """A recorded cut as Python lists of `BeamCut`'s columns, one row per lane: per candidate its
+    prefix, steps, set row (numbered by first appearance in the lane) and whether it is the
+    first holding its set (whose values fill the per-set columns)."""
+
+    size: int
+    beta: float
+    prefix: tuple[int, ...]
+    prefixes: list[list[list[int]]]
+    steps: list[list[list[int]]]
+    state: list[list[int]]
+    first: list[list[bool]]
+    cost: list[list[float]]
+    smoothness: list[list[float]]
+    rank_cost: list[list[int]]
+    rank_smooth: list[list[int]]
+    score: list[list[float]]
+    survivors: list[list[int]]
+
+    @classmethod
+    def of(cls, cut: Cut, units: np.ndarray, s_units: np.ndarray) -> _CutColumns:
+        count = cut.state.shape[1]
+        first = _first_equal(cut.state)
+        is_first = first == np.arange(count)
+        state = np.take_along_axis(np.cumsum(is_first, axis=1) - 1, first, axis=1)
+        per_prefix = count // cut.prefix_count
+        return cls(cut.size, cut.beta, tuple(i // per_prefix for i in range(count)),
+                   cut.members[:, ::per_prefix, :cut.prefix_size].tolist(),
+                   np.swapaxes(cut.members[:, :, cut.prefix_size:], 1, 2).tolist(), state.tolist(), is_first.tolist(),
+                   (cut.cost_q * units).tolist(), (cut.smooth_q * s_units).tolist(), cut.rank_cost.tolist(),
+                   cut.rank_smooth.tolist(), cut.score.tolist(), cut.keep.tolist())
+
+
+def _first_equal(values: np.ndarray) -> np.ndarray:
+    """Per row, the index of the first entry equal to each entry."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    starts = np.ones(values.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(values.shape[1]), 0), axis=1)
+    first = np.empty_like(order)
+    np.put_along_axis(first, order, np.take_along_axis(order, run_start, axis=1), axis=1)
+    return first
 
 
 def l2_select(kernels: np.ndarray, kept: int, context: GroupContext | None = None) -> Choice:

@@ -20,7 +20,8 @@ from ..common.errors import WorkbenchError
 from ..common.fileio import AtomicJsonLines, write_text_atomic
 
 TRACE_FORMAT = "gkp-workbench/trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 stored beam cuts' candidates whole
 TRACE_LEVELS: tuple[str, ...] = ("decisions", "full")
 
 
@@ -37,8 +38,8 @@ class TraceEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples become lists, nested records dicts) with `kind`, keys in
-        sorted order."""
-        return _record_dict(self)
+        sorted order: the event's JSON line, read back."""
+        return json.loads(event_line(self))  # type: ignore[no-any-return]
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "TraceEvent":
@@ -48,7 +49,10 @@ class TraceEvent:
         cls = EVENT_TYPES.get(data.get("kind"))  # type: ignore[arg-type]
         if cls is None:
             raise TraceError(f"unknown trace event kind {data.get('kind')!r}")
-        return _build(cls, {k: v for k, v in data.items() if k != "kind"})
+        fields = {k: v for k, v in data.items() if k != "kind"}
+        if cls is BeamCut and "candidates" in fields:
+            fields = BeamCut.from_version_1(fields)
+        return _build(cls, fields)
 
 
 @dataclass(frozen=True)
@@ -156,14 +160,76 @@ class BeamCandidate:
 
 @dataclass(frozen=True)
 class BeamCut(TraceEvent):
-    """A cut of one start's beam at set size `size` (Eq. 2 and Eq. 3 with `beta`)."""
+    """A cut of one start's beam at set size `size` (Eq. 2 and Eq. 3 with `beta`), stored by
+    column (trace version 2): candidate `i` is `prefixes[prefix[i]]` followed by `steps[j][i]`
+    for each step since that prefix, and is judged by row `state[i]` of the per-set columns
+    (candidates holding the same set share a row). `survivors` are candidate indices, best
+    first; `candidates` gives each candidate whole."""
 
     kind: ClassVar[str] = "beam_cut"
     group: int
     start: int
     size: int
     beta: float
-    candidates: tuple[BeamCandidate, ...]
+    prefixes: tuple[tuple[int, ...], ...]
+    prefix: tuple[int, ...]
+    steps: tuple[tuple[int, ...], ...]
+    state: tuple[int, ...]
+    cost: tuple[float, ...]
+    smoothness: tuple[float, ...]
+    rank_cost: tuple[int, ...]
+    rank_smooth: tuple[int, ...]
+    score: tuple[float, ...]
+    survivors: tuple[int, ...]
+
+    @property
+    def candidates(self) -> tuple[BeamCandidate, ...]:
+        """Every candidate whole, in generation order (entry by entry, each entry's proposals
+        best first)."""
+        survived = set(self.survivors)
+        return tuple(
+            BeamCandidate(self.prefixes[p] + path, path[-1], self.cost[s], self.smoothness[s], self.rank_cost[s],
+                          self.rank_smooth[s], self.score[s], i in survived)
+            for i, (p, s, path) in enumerate(zip(self.prefix, self.state, zip(*self.steps)))
+        )
+
+    def check(self) -> None:
+        """`TraceError` unless the columns fit together (a record read from a file)."""
+        count, states = len(self.prefix), len(self.cost)
+        columns = [*self.steps, self.state]
+        if not self.steps or any(len(c) != count for c in columns) or any(
+            len(c) != states for c in (self.smoothness, self.rank_cost, self.rank_smooth, self.score)
+        ):
+            raise TraceError("beam_cut columns have different lengths")
+        if not all(0 <= p < len(self.prefixes) for p in self.prefix) or not all(0 <= s < states for s in self.state) \
+                or not all(0 <= i < count for i in self.survivors):
+            raise TraceError("beam_cut refers to a prefix, set or candidate it does not have")
+
+    @staticmethod
+    def from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 record (whole candidates) as this version's columns: each candidate's
+        prefix is its members but the last, candidates of equal sets share a row, survivors are
+        ordered by score, then rougher, then first."""
+        if not isinstance(data.get("candidates"), list):
+            raise TraceError("a version-1 beam_cut needs a candidates list")
+        candidates = [_build(BeamCandidate, c) for c in data["candidates"]]
+        if any(not c.members or c.members[-1] != c.added for c in candidates):
+            raise TraceError("a beam_cut candidate's last member is not the kernel it added")
+        prefixes: dict[tuple[int, ...], int] = {}
+        sets: dict[frozenset[int], int] = {}
+        firsts: dict[int, BeamCandidate] = {}  # each set's row holds its first candidate's values
+        for c in candidates:
+            prefixes.setdefault(c.members[:-1], len(prefixes))
+            firsts.setdefault(sets.setdefault(frozenset(c.members), len(sets)), c)
+        judged = list(firsts.values())
+        order = sorted((i for i, c in enumerate(candidates) if c.survived),
+                       key=lambda i: (candidates[i].score, -candidates[i].smoothness, i))
+        rest = {k: v for k, v in data.items() if k != "candidates"}
+        return {**rest, "prefixes": [list(p) for p in prefixes], "prefix": [prefixes[c.members[:-1]] for c in candidates],
+                "steps": [[c.added for c in candidates]], "state": [sets[frozenset(c.members)] for c in candidates],
+                "cost": [c.cost for c in judged], "smoothness": [c.smoothness for c in judged],
+                "rank_cost": [c.rank_cost for c in judged], "rank_smooth": [c.rank_smooth for c in judged],
+                "score": [c.score for c in judged], "survivors": order}
 
 
 @dataclass(frozen=True)
@@ -430,10 +496,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[TraceEvent]:
         except json.JSONDecodeError as exc:
             raise TraceError(f"trace {path} line {number} is not valid JSON: {exc.msg}") from None
         if isinstance(data, dict) and data.get("format") == TRACE_FORMAT:
-            if data.get("version") != TRACE_VERSION:
+            if data.get("version") not in READABLE_VERSIONS:
                 raise TraceError(
                     f"trace {path} has version {data.get('version')!r}; this workbench reads "
-                    f"version {TRACE_VERSION}"
+                    f"versions {', '.join(map(str, READABLE_VERSIONS))}"
                 )
             continue
         try:
@@ -458,8 +524,8 @@ def _record_dict(record: Any) -> dict[str, Any]:
 @cache
 def _codec(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], tuple[tuple[int, Callable[[Any], Any]], ...]]:
     """For a record class: its keys (fields and, for events, `kind`) sorted, one getter for all
-    their values, and the converter of each value that is not JSON-ready as it is (tuples become
-    lists, nested records dicts), so no record needs `dataclasses.asdict`."""
+    their values, and the converter of each value that is not JSON-ready as it is (nested
+    records become dicts), so no record needs `dataclasses.asdict`."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     keys = tuple(sorted(names + (["kind"] if issubclass(cls, TraceEvent) else [])))
@@ -469,15 +535,12 @@ def _codec(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]
 
 
 def _converter(hint: Any) -> Callable[[Any], Any] | None:
-    if typing.get_origin(hint) is not tuple:
-        return None
-    args = typing.get_args(hint)
-    item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-    if item is not None and dataclasses.is_dataclass(item):
+    """How a field's value becomes JSON-ready: only tuples of records need it (the encoder
+    writes tuples as arrays)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
         return lambda records: [_record_dict(r) for r in records]
-    if item is not None and typing.get_origin(item) is tuple:
-        return lambda rows: [list(row) for row in rows]
-    return list
+    return None
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
@@ -488,9 +551,12 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     if unknown:
         raise TraceError(f"{cls.__name__} record has unknown fields {sorted(unknown)}")
     try:
-        return cls(**{name: _convert(hints[name], value) for name, value in data.items()})
+        record = cls(**{name: _convert(hints[name], value) for name, value in data.items()})
     except TypeError as exc:
         raise TraceError(f"bad {cls.__name__} record: {exc}") from None
+    if hasattr(record, "check"):
+        record.check()
+    return record
 
 
 def _convert(hint: Any, value: Any) -> Any:

@@ -2,7 +2,9 @@
 several models and seeds (the bundled sample with its snapshot archive, ../shared's ResNet-20
 when present, seeded random CIFAR ResNets, a model with 1x1 convs), the SHA-256 of the plan's
 decisions (kept sets, filter groups, scores, skipped layers: the plan JSON without its settings)
-and of the decision trace exactly as `decisions.jsonl` holds it.
+and of the decision trace as `decisions.jsonl` held it in trace version 1 (version 2 stores beam
+cuts by column; `version_1_line` expands them, and every case checks that the version-2 lines read
+back as the same events).
 
 `test_same_decisions.py` recomputes every case and compares. The golden file is generated, never
 edited by hand: `python tests/gkp/decision_digests.py --write` (from the repository root, with
@@ -12,6 +14,7 @@ it only on code whose decisions are the reference."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -168,15 +171,32 @@ def touches_issue_13(case: Case) -> bool:
     return False
 
 
+def version_1_line(event: Any) -> str:
+    """The event's line as trace version 1 wrote it, whose digests the golden file holds: beam
+    cuts listed every candidate whole (version 2 stores them by column)."""
+    from engine.gkp.traces import BeamCut, event_line
+
+    if not isinstance(event, BeamCut):
+        return event_line(event)
+    data = {"kind": event.kind, "layer": event.layer, "group": event.group, "start": event.start,
+            "size": event.size, "beta": event.beta,
+            "candidates": [dict(sorted(dataclasses.asdict(c).items())) for c in event.candidates]}
+    return json.dumps(data, sort_keys=True)
+
+
 def run_case(case: Case) -> dict[str, Any]:
-    """Plan the case and digest the plan (its layers and skipped layers) and the trace lines."""
+    """Plan the case and digest the plan (its layers and skipped layers) and the trace lines (in
+    version 1's form, after checking that each line of the current form reads back as the same
+    event)."""
     from engine.gkp.planner import plan_pruning
-    from engine.gkp.traces import event_line
+    from engine.gkp.traces import TraceEvent, event_line
 
     model, snapshots = load_model(case.model)
     events: list[Any] = []
     plan = plan_pruning(model, _config(case), snapshots=snapshots, on_event=events.append)
-    trace = "".join(event_line(e) + "\n" for e in events).encode("utf-8")
+    if [TraceEvent.from_dict(json.loads(event_line(e))) for e in events] != events:
+        raise AssertionError(f"{case.name}: the trace does not read back as the events written")
+    trace = "".join(version_1_line(e) + "\n" for e in events).encode("utf-8")
     decisions = plan.to_dict()
     decisions.pop("params")  # the settings, which grow with new config keys; the rest is what was decided
     return {

@@ -84,7 +84,7 @@ def test_every_event_kind_round_trips_through_json(sr_run, tmi_run, tmp_path):
     path = tmp_path / "trace.jsonl"
     write_jsonl(path, events)
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0]) == {"format": "gkp-workbench/trace", "version": 1}
+    assert json.loads(lines[0]) == {"format": "gkp-workbench/trace", "version": 2}
     assert all(line == json.dumps(json.loads(line), sort_keys=True) for line in lines[:50])
     assert read_jsonl(path) == events
     for event in {e.kind: e for e in events}.values():  # the fast encoder writes what json would
@@ -156,6 +156,7 @@ def replay_cut(cut: BeamCut, alpha: float, width: int) -> set[int]:
         assert c.rank_smooth == sum(other < c.smoothness for other in smooths)
         assert c.score == alpha * c.rank_cost + (1 - alpha) * c.rank_smooth
     order = sorted(range(len(costs)), key=lambda i: (cut.candidates[i].score, -smooths[i], i))
+    assert cut.survivors == tuple(order[:width])  # best first
     return set(order[:width])
 
 
@@ -182,9 +183,12 @@ def test_replay_sr_gkp_from_the_trace_alone(sr_run):
             assert beam_final.best == int(np.argmax([c.cost for c in beam_final.candidates]))
             cuts = [e for e in trace if isinstance(e, BeamCut) and e.group == g]
             assert {c.start for c in cuts} <= {winner}
-            for cut in cuts:
+            for previous, cut in zip([None, *cuts], cuts):
                 survivors = replay_cut(cut, 0.9, 2)
                 assert survivors == {i for i, c in enumerate(cut.candidates) if c.survived}
+                grew_from = ((cut.start,),) if previous is None else \
+                    tuple(previous.candidates[i].members for i in previous.survivors)
+                assert cut.prefixes == grew_from  # candidates grow from the previous cut's survivors
 
 
 def test_replay_tmi_gkp_vote_and_greedy_from_the_trace_alone(tmi_run):
@@ -237,7 +241,57 @@ def test_full_level_traces_every_start(small_model):
         5 * sum(map(len, map(json.dumps, (e.to_dict() for e in decisions))))
 
 
-def test_candidate_records_are_typed():
-    candidate = BeamCandidate((3, 1), 1, 2.5, 0.5, 0, 1, 0.1, True)
-    cut = BeamCut("conv", 0, 3, 2, 0.5, (candidate,))
-    assert TraceEvent.from_dict(cut.to_dict()).candidates[0] == candidate
+def test_beam_cuts_are_stored_by_column_and_read_whole():
+    """Candidate i is its prefix plus its steps, judged by its set's row; equal sets share a row
+    and survivors keep their order."""
+    cut = BeamCut("conv", 0, 3, 4, 0.5, ((3, 1),), (0, 0, 0), ((5, 6, 5), (6, 5, 7)), (0, 0, 1),
+                  (2.5, 1.0), (0.25, 0.5), (0, 1), (1, 0), (0.1, 0.9), (2, 0))
+    assert cut.candidates == (
+        BeamCandidate((3, 1, 5, 6), 6, 2.5, 0.25, 0, 1, 0.1, True),
+        BeamCandidate((3, 1, 6, 5), 5, 2.5, 0.25, 0, 1, 0.1, False),
+        BeamCandidate((3, 1, 5, 7), 7, 1.0, 0.5, 1, 0, 0.9, True),
+    )
+    line = json.loads(event_line(cut))
+    assert line["steps"] == [[5, 6, 5], [6, 5, 7]] and "candidates" not in line
+    assert TraceEvent.from_dict(line) == cut
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("state", [0, 0, 2], "refers to a prefix, set or candidate"),
+    ("prefix", [0, 1, 0], "refers to a prefix, set or candidate"),
+    ("survivors", [3], "refers to a prefix, set or candidate"),
+    ("steps", [[5, 6]], "different lengths"),
+    ("steps", [], "different lengths"),
+    ("score", [0.1], "different lengths"),
+])
+def test_beam_cut_columns_that_do_not_fit_are_refused(field, value, message):
+    cut = BeamCut("conv", 0, 3, 3, 0.5, ((3,),), (0, 0, 0), ((5, 6, 7), (6, 5, 5)), (0, 0, 1),
+                  (2.5, 1.0), (0.25, 0.5), (0, 1), (1, 0), (0.1, 0.9), (0,))
+    with pytest.raises(TraceError, match=message):
+        TraceEvent.from_dict({**cut.to_dict(), field: value})
+
+
+def test_version_1_traces_still_read(sr_run, tmp_path):
+    """A trace written before beam cuts were stored by column (version 1: whole candidates)
+    reads as the same decisions: every cut's candidates are equal."""
+    from decision_digests import version_1_line
+
+    events = sr_run[1]
+    path = tmp_path / "old.jsonl"
+    header = json.dumps({"format": "gkp-workbench/trace", "version": 1})
+    path.write_text("\n".join([header, *map(version_1_line, events)]) + "\n")
+    assert '"candidates": [{"added"' in path.read_text()
+    old = read_jsonl(path)
+    assert [e for e in old if not isinstance(e, BeamCut)] == [e for e in events if not isinstance(e, BeamCut)]
+    cuts = [(a, b) for a, b in zip(old, events) if isinstance(b, BeamCut)]
+    assert len(cuts) > 10
+    for read, planned in cuts:
+        assert read.candidates == planned.candidates
+        assert read.survivors == planned.survivors
+        assert (read.state, read.cost, read.smoothness, read.score) == \
+            (planned.state, planned.cost, planned.smoothness, planned.score)  # rows by first appearance
+    assert sum(len(b.cost) for _, b in cuts) < sum(len(b.prefix) for _, b in cuts)  # equal sets share a row
+    bad = json.loads(version_1_line(cuts[0][1]))
+    bad["candidates"][0]["added"] = -1
+    with pytest.raises(TraceError, match="last member"):
+        TraceEvent.from_dict(bad)
