@@ -1,10 +1,15 @@
 """TMI-GKP's clustering schemes (SPEC §3.2): KernelPCA, spectral embedding and t-SNE + DBSCAN,
 each giving n equal-size filter groups, with seeded equal-size k-means (numpy, scipy,
-scikit-learn; scikit-learn is imported on first use)."""
+scikit-learn; scikit-learn is imported on first use). A process remembers its recent results,
+so planning again (another rate, other selection settings) does not cluster again."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +22,7 @@ from .grouping import check_divisible, groups_from_labels
 SPECTRAL_NEIGHBOURS = 16
 KMEANS_INITS = 10
 KMEANS_MAX_ITER = 100
+REMEMBERED = 1024  # clusterings kept per process: a few hundred bytes each
 
 
 @dataclass(frozen=True)
@@ -174,10 +180,59 @@ def tsne_dbscan_groups(filters: np.ndarray, groups: int, seed: int) -> tuple[np.
     return balance_clusters(embedding, labels, groups), eps, int(labels.max() + 1)
 
 
+class _Remembered:
+    """The most recent clusterings, keyed by the filters' bytes and shape, the scheme, n and the
+    seed (everything a clustering depends on); safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._results: OrderedDict[tuple[Any, ...], SchemeGroups] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(filters: np.ndarray, scheme: str, groups: int, seed: int) -> tuple[Any, ...]:
+        return hashlib.blake2b(filters.tobytes(), digest_size=20).digest(), filters.shape, scheme, groups, seed
+
+    def get(self, key: tuple[Any, ...]) -> SchemeGroups | None:
+        with self._lock:
+            found = self._results.get(key)
+            if found is not None:
+                self._results.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[Any, ...], result: SchemeGroups) -> None:
+        with self._lock:
+            self._results[key] = result
+            while len(self._results) > self._size:
+                self._results.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._results.clear()
+
+
+_remembered = _Remembered(REMEMBERED)
+
+
+def forget_clusterings() -> None:
+    """Drop the remembered clusterings (for timing a first plan, or testing determinism)."""
+    _remembered.clear()
+
+
 def cluster_filters(weight: Any, scheme: str, groups: int, seed: int) -> SchemeGroups:
-    """Equal-size filter groups of one layer by one clustering scheme (seeded)."""
+    """Equal-size filter groups of one layer by one clustering scheme (seeded); a clustering
+    this process already made is reused (copied, so callers may change theirs)."""
     filters = flatten_filters(weight)
     check_divisible(len(filters), groups)
+    key = _remembered.key(filters, scheme, groups, seed)
+    result = _remembered.get(key)
+    if result is None:
+        result = _cluster(filters, scheme, groups, seed)
+        _remembered.put(key, result)
+    return dataclasses.replace(result, filter_groups=[list(g) for g in result.filter_groups])
+
+
+def _cluster(filters: np.ndarray, scheme: str, groups: int, seed: int) -> SchemeGroups:
     if groups in (1, len(filters)) or (filters == filters[0]).all():
         # one partition into equal groups exists, or identical filters make every one as good
         return SchemeGroups(scheme, groups_from_labels(np.arange(len(filters)) * groups // len(filters), groups))

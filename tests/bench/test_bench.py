@@ -46,6 +46,10 @@ def test_prune_speed_summarises_runs_in_units():
     assert summary["step_plan_units"] == {"median": 0.9, "min": 0.8, "max": 1.0}
     row = render({"command:sr-gkp:resnet56": summary}).splitlines()[-1]
     assert row.startswith("| command:sr-gkp:resnet56 | 2 | 0.75 |") and "import 1.75, plan 0.90" in row
+    tmi = [{"unit_s": 1.0, "off_s": 4.0, "on_s": 4.2, "replan_s": 0.3, "peak_rss_mb": 900.0},
+           {"unit_s": 0.5, "off_s": 2.5, "on_s": 2.6, "replan_s": 0.2, "peak_rss_mb": 800.0}]
+    cells = render({"engine:tmi-gkp:sample": summarise("engine:tmi-gkp:sample", tmi)}).splitlines()[-1].split(" | ")
+    assert cells[4:6] == ["4.70 (4.20–5.20) (3.40 s)", "0.35 (0.30–0.40) (0.25 s)"]  # trace on, then re-plan
 
 
 def test_study_methods_resume_skips_finished_units_and_ignores_other_devices(tmp_path, monkeypatch) -> None:

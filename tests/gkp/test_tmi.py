@@ -14,6 +14,7 @@ from engine.gkp.clustering import (
     SchemeGroups,
     balance_clusters,
     cluster_filters,
+    forget_clusterings,
     dbscan_near_count,
     equal_size_kmeans,
     flatten_filters,
@@ -86,7 +87,45 @@ def test_every_scheme_gives_equal_groups(scheme, shape):
     found = cluster_filters(weight, scheme, n, seed=5)
     assert len(found.filter_groups) == n and {len(g) for g in found.filter_groups} == {c_out // n}
     assert sorted(i for g in found.filter_groups for i in g) == list(range(c_out))
+    forget_clusterings()  # same seed, same groups: computed again, not remembered
     assert found.filter_groups == cluster_filters(weight, scheme, n, seed=5).filter_groups
+
+
+def test_clusterings_are_remembered_by_everything_they_depend_on(monkeypatch):
+    """Planning again reuses a layer's clustering; other filters, scheme, n or seed cluster again,
+    and a caller changing its groups does not change what the next caller gets."""
+    import engine.gkp.clustering as clustering
+
+    calls: list[tuple[str, int, int]] = []
+    compute = clustering._cluster
+    monkeypatch.setattr(clustering, "_cluster", lambda filters, scheme, n, seed: (
+        calls.append((scheme, n, seed)), compute(filters, scheme, n, seed))[1])
+    forget_clusterings()
+    weight = torch.randn(16, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    first = cluster_filters(weight, "kpca", 4, seed=1)
+    first.filter_groups[0].append(99)
+    again = cluster_filters(weight.clone(), "kpca", 4, seed=1)
+    assert calls == [("kpca", 4, 1)] and 99 not in again.filter_groups[0]
+    cluster_filters(weight, "kpca", 4, seed=2)
+    cluster_filters(weight, "kpca", 2, seed=1)
+    cluster_filters(weight, "spectral", 4, seed=1)
+    cluster_filters(weight * 1.01, "kpca", 4, seed=1)
+    cluster_filters(weight.reshape(32, 2, 3, 3), "kpca", 4, seed=1)  # the same bytes as 32 filters
+    assert len(calls) == 6
+    forget_clusterings()
+    cluster_filters(weight, "kpca", 4, seed=1)
+    assert len(calls) == 7
+
+
+def test_only_the_most_recent_clusterings_are_kept():
+    from engine.gkp.clustering import SchemeGroups, _Remembered
+
+    remembered = _Remembered(2)
+    for key in "abc":
+        remembered.put((key,), SchemeGroups("kpca", [[0]]))
+    assert remembered.get(("a",)) is None and remembered.get(("b",)) is not None
+    remembered.put(("d",), SchemeGroups("kpca", [[1]]))  # "b" was used last: "c" goes
+    assert remembered.get(("c",)) is None and remembered.get(("b",)) is not None
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
