@@ -106,13 +106,11 @@ class Cut:
     size: int
     beta: float
     members: np.ndarray
-    added: np.ndarray
     cost_q: np.ndarray
     smooth_q: np.ndarray
     rank_cost: np.ndarray
     rank_smooth: np.ndarray
     score: np.ndarray
-    survived: np.ndarray
     keep: np.ndarray
     state: np.ndarray
     prefix_size: int
@@ -302,10 +300,8 @@ def grow(problems: Problems, beam: Beam, owner: np.ndarray, starts: np.ndarray, 
         if record:
             previous = backtrack(starts, parents, addeds, np.broadcast_to(np.arange(entries), (lanes, entries)))
             members = np.concatenate([np.repeat(previous, width, axis=1), added[..., None]], axis=2)
-            survived = np.zeros((lanes, n_cand), dtype=bool)
-            survived[at, keep] = True
-            cuts.append(Cut(size, beta, members, added, cost, smooth_c, rank_cost, rank_smooth, score, survived, keep,
-                            candidate, prefix_size, prefix_count))
+            cuts.append(Cut(size, beta, members, cost, smooth_c, rank_cost, rank_smooth, score, keep, candidate,
+                            prefix_size, prefix_count))
             prefix_size, prefix_count = size, keep.shape[1]
         parents.append(keep // width)
         addeds.append(added[at, keep])

@@ -526,9 +526,8 @@ def _codec(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]
     """For a record class: its keys (fields and, for events, `kind`) sorted, one getter for all
     their values, and the converter of each value that is not JSON-ready as it is (nested
     records become dicts), so no record needs `dataclasses.asdict`."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    keys = tuple(sorted(names + (["kind"] if issubclass(cls, TraceEvent) else [])))
+    hints = _hints(cls)
+    keys = tuple(sorted([*hints, *(["kind"] if issubclass(cls, TraceEvent) else [])]))
     converters = tuple((i, c) for i, key in enumerate(keys) if key != "kind" and (c := _converter(hints[key])))
     getter = attrgetter(*keys) if len(keys) > 1 else (lambda record: (getattr(record, keys[0]),))
     return keys, getter, converters  # type: ignore[return-value]
@@ -543,11 +542,17 @@ def _converter(hint: Any) -> Callable[[Any], Any] | None:
     return None
 
 
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The annotated type of each field of record class `cls` (not its class variables)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     """Instantiate dataclass `cls` from JSON data, converting by the field annotations."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - fields
+    hints = _hints(cls)
+    unknown = data.keys() - hints.keys()
     if unknown:
         raise TraceError(f"{cls.__name__} record has unknown fields {sorted(unknown)}")
     try:

@@ -14,7 +14,6 @@ it only on code whose decisions are the reference."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -180,7 +179,9 @@ def version_1_line(event: Any) -> str:
         return event_line(event)
     data = {"kind": event.kind, "layer": event.layer, "group": event.group, "start": event.start,
             "size": event.size, "beta": event.beta,
-            "candidates": [dict(sorted(dataclasses.asdict(c).items())) for c in event.candidates]}
+            "candidates": [{"added": c.added, "cost": c.cost, "members": c.members, "rank_cost": c.rank_cost,
+                            "rank_smooth": c.rank_smooth, "score": c.score, "smoothness": c.smoothness,
+                            "survived": c.survived} for c in event.candidates]}
     return json.dumps(data, sort_keys=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -183,7 +184,7 @@ def test_replay_sr_gkp_from_the_trace_alone(sr_run):
             assert beam_final.best == int(np.argmax([c.cost for c in beam_final.candidates]))
             cuts = [e for e in trace if isinstance(e, BeamCut) and e.group == g]
             assert {c.start for c in cuts} <= {winner}
-            for previous, cut in zip([None, *cuts], cuts):
+            for previous, cut in pairwise([None, *cuts]):
                 survivors = replay_cut(cut, 0.9, 2)
                 assert survivors == {i for i, c in enumerate(cut.candidates) if c.survived}
                 grew_from = ((cut.start,),) if previous is None else \
