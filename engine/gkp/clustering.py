@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist, pdist
 
 from .grouping import check_divisible, groups_from_labels
+from .tsne import exact_tsne
 
 SPECTRAL_NEIGHBOURS = 16
 KMEANS_INITS = 10
@@ -171,11 +172,9 @@ def balance_clusters(points: np.ndarray, labels: np.ndarray, groups: int) -> np.
 def tsne_dbscan_groups(filters: np.ndarray, groups: int, seed: int) -> tuple[np.ndarray, float, int]:
     """2-D t-SNE (perplexity about C_out/n, below the filter count), DBSCAN with eps searched for
     about n clusters, then balancing. Returns labels, eps and the raw cluster count."""
-    from sklearn.manifold import TSNE
     count = len(filters)
     perplexity = float(min(max(count / groups, 1.0), count - 1))
-    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca", method="exact",
-                     random_state=seed).fit_transform(filters)
+    embedding = exact_tsne(filters, perplexity, seed)
     labels, eps = dbscan_near_count(embedding, groups)
     return balance_clusters(embedding, labels, groups), eps, int(labels.max() + 1)
 
