@@ -14,6 +14,11 @@ from typing import Any
 import numpy as np
 from scipy.spatial.distance import pdist, squareform
 
+try:  # what pdist(..., "sqeuclidean") calls; checked with the rest of the gradient before use
+    from scipy.spatial._distance_pybind import pdist_sqeuclidean as _compiled_sqeuclidean
+except ImportError:  # pragma: no cover (another scipy layout: pdist itself)
+    _compiled_sqeuclidean = None
+
 _EPSILON = np.finfo(np.double).eps  # scikit-learn's floor for P and Q
 _PROBE_SEED = 0x75E7  # the probes' random inputs; any value checks the same code path
 Gradient = Callable[..., tuple[float, np.ndarray]]
@@ -48,7 +53,7 @@ def _batched(own: Gradient) -> Gradient:
         if skip_num_points:
             return own(params, P, dof, n_samples, n_components, skip_num_points, compute_error)
         embedded = params.reshape(n_samples, n_components)
-        dist = pdist(embedded, "sqeuclidean")
+        dist = _squared_distances(embedded)
         dist /= dof
         dist += 1.0
         dist **= (dof + 1.0) / -2.0
@@ -63,6 +68,14 @@ def _batched(own: Gradient) -> Gradient:
         return error, grad
 
     return gradient
+
+
+def _squared_distances(points: np.ndarray) -> np.ndarray:
+    """`pdist(points, "sqeuclidean")` without its array-API dispatch (most of its time for a few
+    dozen points): the compiled function it calls, where this scipy has it."""
+    if _compiled_sqeuclidean is None:
+        return pdist(points, "sqeuclidean")
+    return _compiled_sqeuclidean(points)  # type: ignore[no-any-return]
 
 
 def _same_as(own: Gradient, count: int, dtype: Any) -> bool:
