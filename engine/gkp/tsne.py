@@ -15,7 +15,9 @@ import numpy as np
 from scipy.spatial.distance import pdist, squareform
 
 try:  # what pdist(..., "sqeuclidean") calls; checked with the rest of the gradient before use
-    from scipy.spatial._distance_pybind import pdist_sqeuclidean as _compiled_sqeuclidean
+    from scipy.spatial._distance_pybind import (
+        pdist_sqeuclidean as _compiled_sqeuclidean,
+    )
 except ImportError:  # pragma: no cover (another scipy layout: pdist itself)
     _compiled_sqeuclidean = None
 
@@ -48,7 +50,7 @@ def _batched(own: Gradient) -> Gradient:
     """The KL divergence and its gradient (van der Maaten 2008, Student-t with `dof`), each point's
     row `sum_j PQd[i, j] * (y_i - y_j)` computed for all points by one stacked `matmul`."""
 
-    def gradient(params: np.ndarray, P: np.ndarray, dof: float, n_samples: int, n_components: int,  # noqa: N803
+    def gradient(params: np.ndarray, P: np.ndarray, dof: float, n_samples: int, n_components: int,
                  skip_num_points: int = 0, compute_error: bool = True) -> tuple[float, np.ndarray]:
         if skip_num_points:
             return own(params, P, dof, n_samples, n_components, skip_num_points, compute_error)
@@ -57,7 +59,7 @@ def _batched(own: Gradient) -> Gradient:
         dist /= dof
         dist += 1.0
         dist **= (dof + 1.0) / -2.0
-        Q = np.maximum(dist / (2.0 * np.sum(dist)), _EPSILON)  # noqa: N806
+        Q = np.maximum(dist / (2.0 * np.sum(dist)), _EPSILON)
         error = 2.0 * np.dot(P, np.log(np.maximum(P, _EPSILON) / Q)) if compute_error else np.nan
         weights = squareform((P - Q) * dist)
         differences = embedded[:, None, :] - embedded[None, :, :]
@@ -88,7 +90,7 @@ def _same_as(own: Gradient, count: int, dtype: Any) -> bool:
         same = True
         for scale in (1e-4, 1.0, 30.0):
             params = (rng.normal(size=(count, 2)) * scale).astype(dtype).ravel()
-            P = rng.random(count * (count - 1) // 2)  # noqa: N806
+            P = rng.random(count * (count - 1) // 2)
             P /= P.sum()
             for compute_error in (True, False):
                 ours = batched(params, P, 1.0, count, 2, compute_error=compute_error)

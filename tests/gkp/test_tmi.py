@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gkp.prune_config import SCHEMES
 from engine.gkp.clustering import (
     SchemeGroups,
     balance_clusters,
     cluster_filters,
-    forget_clusterings,
     dbscan_near_count,
     equal_size_kmeans,
     flatten_filters,
+    forget_clusterings,
 )
+from engine.gkp.prune_config import SCHEMES
 from engine.gkp.tmi import (
     gap_statistics,
     rank_schemes,
@@ -94,7 +94,7 @@ def test_every_scheme_gives_equal_groups(scheme, shape):
 def test_clusterings_are_remembered_by_everything_they_depend_on(monkeypatch):
     """Planning again reuses a layer's clustering; other filters, scheme, n or seed cluster again,
     and a caller changing its groups does not change what the next caller gets."""
-    import engine.gkp.clustering as clustering
+    from engine.gkp import clustering
 
     calls: list[tuple[str, int, int]] = []
     compute = clustering._cluster

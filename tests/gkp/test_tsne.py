@@ -32,7 +32,7 @@ def test_the_batched_gradient_matches_scikit_learns_here(dtype, monkeypatch):
     assert all(tsne._same_as(_t_sne._kl_divergence, count, dtype) for count in (3, 8, 16, 37, 64, 128))
     rng = np.random.default_rng(5)
     params = rng.normal(size=40).astype(dtype)
-    P = rng.random(190)  # noqa: N806
+    P = rng.random(190)
     P /= P.sum()
     batched = tsne._batched(_t_sne._kl_divergence)
     for compute_error in (True, False):
@@ -67,7 +67,7 @@ def test_points_kept_fixed_go_to_scikit_learns_gradient():
     """`skip_num_points` (not used by exact fits) is left to scikit-learn's own gradient."""
     seen: list[int] = []
 
-    def own(params, P, dof, n_samples, n_components, skip_num_points=0, compute_error=True):  # noqa: N803
+    def own(params, P, dof, n_samples, n_components, skip_num_points=0, compute_error=True):
         seen.append(skip_num_points)
         return 0.0, params
 
