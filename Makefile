@@ -44,7 +44,7 @@ PROPS := tests/gkp/test_properties.py
 TESTS_smoothness := tests/gkp/test_smoothness.py $(PROPS)
 TESTS_grouping := tests/gkp/test_grouping.py $(PROPS)
 TESTS_tmi := tests/gkp/test_tmi.py
-TESTS_selection := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py $(PROPS)
+TESTS_selection := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py tests/gkp/test_traces.py $(PROPS)
 TESTS_search := tests/gkp/test_selection.py tests/gkp/test_selection_contract.py tests/gkp/test_search.py
 TESTS_reconstruct := tests/gkp/test_reconstruct.py tests/gkp/test_reconstruct_plans.py $(PROPS)
 mutate: $(STAMP)

@@ -392,3 +392,14 @@ def test_the_beams_defaults_are_the_papers():
     for key, other in (("beam_width", 3), ("check_every", 4), ("alpha", 0.5), ("freeze_beta", True)):
         changed = [smooth_beam_select(d, s, 9, **{**explicit, key: other}) for d, s in problems]
         assert changed != default, key
+
+
+@pytest.mark.parametrize("width", [1, 5, 16, 40])
+def test_first_equal_entry_per_row(width):
+    """Each entry's first equal entry in its row, on rows long enough for numpy's unstable sorts to
+    reorder ties (what the trace's set rows are numbered by)."""
+    from engine.gkp.selection import _first_equal
+
+    values = np.random.default_rng(width).integers(0, 6, size=(30, width))
+    expected = [[row.index(v) for v in row] for row in values.tolist()]
+    assert _first_equal(values).tolist() == expected

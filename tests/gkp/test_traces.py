@@ -296,3 +296,30 @@ def test_version_1_traces_still_read(sr_run, tmp_path):
     bad["candidates"][0]["added"] = -1
     with pytest.raises(TraceError, match="last member"):
         TraceEvent.from_dict(bad)
+
+
+def test_cut_costs_and_smoothness_are_eq3_of_the_candidate_sets(small_model, sr_run):
+    """Every recorded cut value is recomputed from the layer's weights: Eq. 3 of the candidate's
+    set at the cut's beta, and its members' summed grouped-kernel smoothness, in real units."""
+    from engine.gkp.selection import grouped_kernels, kernel_distances
+    from engine.gkp.smoothness import kernel_smoothness
+
+    plan, events = sr_run
+    modules = dict(small_model.named_modules())
+    checked = 0
+    for layer_plan in plan.layers:
+        weight = modules[layer_plan.name].weight.detach()
+        heat = kernel_smoothness(weight, PruneConfig().smoothness_power).numpy()
+        for cut in (e for e in events if isinstance(e, BeamCut) and e.layer == layer_plan.name):
+            filters = layer_plan.filter_groups[cut.group]
+            distances = kernel_distances(grouped_kernels(weight, filters))
+            smooth = heat[filters].sum(axis=0)
+            for candidate in cut.candidates:
+                inside = list(candidate.members)
+                outside = [p for p in range(len(distances)) if p not in inside]
+                inner = distances[np.ix_(inside, inside)].sum() / 2
+                outer = distances[np.ix_(outside, inside)].min(axis=1).sum()
+                assert candidate.cost == pytest.approx(inner - cut.beta * outer, rel=1e-9, abs=1e-12)
+                assert candidate.smoothness == pytest.approx(smooth[inside].sum(), rel=1e-9)
+                checked += 1
+    assert checked > 100
